@@ -1,0 +1,144 @@
+"""`python -m harness <command> [hydra overrides]`.
+
+The subcommand is taken off the argument list before Hydra sees the rest (Hydra's override parser
+would reject it). Mistakes in the input (unknown command, unknown option of a config group,
+misspelt key, wrong type, unusable checkpoint) print one paragraph naming the valid choices and
+exit with code 2, without a traceback; bugs still show their traceback.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Callable, Dict, List, Tuple
+
+os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
+
+from harness.config import GROUPS, ConfigError, available_options, load_config, run_hash  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+def cmd_train(overrides: List[str]) -> int:
+    cfg = load_config(overrides)
+    from harness.engine.train import run
+
+    result = run(cfg, command=_command_line())
+    print(format_result(result.record, cfg))
+    return 0 if result.record["status"] == "completed" else 1
+
+
+def cmd_teacher(overrides: List[str]) -> int:
+    cfg = load_config(overrides)
+    from harness.engine.teacher import get_teacher
+    from harness.engine.train import resolve_device, seed_everything
+
+    seed_everything(cfg["teacher"]["train"]["seed"], cfg["deterministic"], resolve_device(cfg["device"]))
+    _, info = get_teacher(cfg, device=resolve_device(cfg["device"]), command=_command_line())
+    print(f"teacher {cfg['teacher']['name']} on {cfg['dataset']['name']} (budget {cfg['budget']['name']})")
+    print(f"  source      {info['source']}: {info['checkpoint']}")
+    print(f"  sha256      {info['sha256']}")
+    print(f"  val mIoU    {100 * info['val_miou']:.2f}  (re-measured by the harness's evaluator, "
+          f"{info['val_images']} images)")
+    print(_per_class_table(info["val_per_class_iou"]))
+    return 0
+
+
+def cmd_config(overrides: List[str]) -> int:
+    import yaml
+
+    cfg = load_config(overrides)
+    print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+    print(f"# run hash: {run_hash(cfg)}")
+    return 0
+
+
+COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
+    "train": (cmd_train, "one training run on the configured data (student-only, or distilled with "
+                         "+method=NAME); prints mIoU and stores a record"),
+    "teacher": (cmd_teacher, "train the configured teacher, or find it in the cache; prints its val mIoU"),
+    "config": (cmd_config, "print the resolved configuration and its run hash, run nothing"),
+}
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(usage())
+            return 0 if argv else EXIT_USAGE
+        command, overrides = argv[0], argv[1:]
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command '{command}'. Valid commands: {', '.join(COMMANDS)} "
+                             f"(python -m harness --help describes each).")
+        if any(a in ("-h", "--help") for a in overrides):
+            print(command_help(command))
+            return 0
+        flags = [a for a in overrides if a.startswith("-")]
+        if flags:
+            raise UsageError(f"unknown option {flags[0]}; '{command}' takes only Hydra overrides "
+                             f"such as optim.lr=0.02, student=deeplabv3_mobilenetv2 or +method=kd")
+        return COMMANDS[command][0](overrides)
+    except (UsageError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m harness <command> [overrides ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "overrides: group=option (dataset, student, teacher, optim, budget), +method=NAME or "
+              "+method=[a,b], key=value (optim.lr=0.02 seed=3 method.kd.tau=4)",
+              "python -m harness <command> --help lists the options of every group."]
+    return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    lines = [f"usage: python -m harness {command} [overrides ...]", "", COMMANDS[command][1], "",
+             "config groups and their options:"]
+    for group in GROUPS:
+        prefix = "+" if group == "method" else ""
+        lines.append(f"  {prefix}{group}={{{','.join(available_options(group))}}}")
+    lines += ["", "examples:", f"  python -m harness {command} budget=smoke",
+              f"  python -m harness {command} +method=kd method.kd.tau=4 optim.lr=0.02 seed=3"]
+    return "\n".join(lines)
+
+
+def format_result(record: dict, cfg: dict) -> str:
+    pct = lambda v: "  n/a" if v is None else f"{100 * v:5.2f}"  # noqa: E731
+    head = (f"{record['arm']} run {record['run_id'][:8]}  {record['student']}"
+            + (f" <- {record['teacher']} [{record['methods']}]" if record["teacher"] else "")
+            + f"  {record['dataset']}/{record['split']}  seed {record['seed']}")
+    lines = [head]
+    if record["status"] != "completed":
+        lines.append(f"  status      {record['status']}: {record['failure_reason']}")
+    lines += [f"  mIoU        {pct(record['final_miou'])}  (best {pct(record['best_miou'])} at iteration "
+              f"{record['best_iteration']})",
+              f"  pixel acc   {pct(record['pixel_accuracy'])}",
+              f"  iterations  {record['iterations']}  in {record['train_time_s']:.1f} s "
+              f"(wall {record['wall_time_s']:.1f} s)"]
+    if record["energy_kwh"] is not None:
+        lines.append(f"  energy      {record['energy_kwh'] * 1000:.3f} Wh, {record['co2_kg'] * 1000:.3f} g CO2 "
+                     f"at {record['carbon_intensity_g_per_kwh']:.0f} g/kWh")
+    if record["per_class_iou_json"]:
+        lines.append(_per_class_table(record["per_class_iou_json"]))
+    lines.append(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
+    return "\n".join(lines)
+
+
+def _per_class_table(per_class: dict) -> str:
+    width = max(map(len, per_class))
+    rows = [f"    {name:<{width}}  {'  n/a' if v is None else f'{100 * v:5.2f}'}" for name, v in per_class.items()]
+    return "  per-class IoU\n" + "\n".join(rows)
+
+
+def _command_line() -> str:
+    return "python -m harness " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -1,0 +1,382 @@
+"""Compose, validate and hash an experiment configuration.
+
+`load_config(overrides)` composes `conf/` with Hydra 1.3's compose API (no `hydra.main`, so no
+working-directory change and no subcommand clash), validates every section against the schemas
+below and returns a plain dict: the only form the rest of the harness (and Ray workers) sees.
+
+Validation happens before any work starts: a misspelt key, a value of the wrong type, an unknown
+option of a config group or an out-of-range number raises `ConfigError`, whose message names the
+valid choices. The CLI turns it into one paragraph and exit code 2.
+
+`run_hash(cfg)` is a stable hash of the parts that define a run (data, models, method, optimiser,
+budget, seed, splits); paths, device, threads and logging do not change it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+GROUPS = ("dataset", "student", "teacher", "method", "optim", "budget")
+SPLITS = ("train", "tune", "val")
+DEVICES = ("auto", "cpu", "cuda")
+# The keys that define what a run computes; everything else (paths, device, logging) does not.
+RUN_DEFINING_KEYS = ("dataset", "student", "teacher", "method", "optim", "budget", "seed",
+                     "train_split", "eval_split")
+
+
+class ConfigError(ValueError):
+    """A configuration the harness refuses to run; the message says what to write instead."""
+
+
+# --------------------------------------------------------------------------------------- schemas
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    backbone: str = MISSING
+    head: str = MISSING
+    output_stride: int = 8
+    head_channels: int = 128
+    aux: bool = True
+    aux_weight: float = 0.4
+    dropout: float = 0.1
+    pretrained: Optional[str] = None  # local backbone state-dict file; never downloaded
+
+
+@dataclass
+class TeacherTrainConfig:
+    """How the harness trains a teacher that is not given as a checkpoint."""
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    seed: int = 0  # one teacher serves every student seed
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    checkpoint: Optional[str] = None  # a trained teacher (state dict); null = train or reuse the cache
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    poly_power: float = 0.9
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class BudgetConfig:
+    name: str = MISSING
+    iterations: int = MISSING
+    batch_size: int = MISSING
+    crop_size: List[int] = MISSING
+    scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    eval_interval: int = MISSING
+    eval_batch_size: int = 16
+    max_eval_images: Optional[int] = None  # evaluate on the first N images of the split (smoke tests)
+    teacher_iterations: int = MISSING
+    teacher_batch_size: int = MISSING
+
+
+@dataclass
+class SyntheticDatasetConfig:
+    name: str = "synthetic"
+    num_classes: int = MISSING
+    ignore_index: int = 255
+    image_size: List[int] = MISSING
+    sizes: Dict[str, int] = MISSING
+    seed: int = 0
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    class_names: List[str] = MISSING
+
+
+@dataclass
+class PathsConfig:
+    results: str = "results"
+    reports: str = "reports"
+    cache: str = "results/cache"
+
+
+@dataclass
+class StoreConfig:
+    url: Optional[str] = None  # null = sqlite database in the results folder
+
+
+@dataclass
+class EnergyConfig:
+    enabled: bool = True
+    country_iso_code: str = "DEU"
+    carbon_intensity_g_per_kwh: Optional[float] = None  # force a fixed intensity (comparability)
+    measure_power_secs: int = 15
+
+
+@dataclass
+class TopConfig:
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "val"
+    device: str = "auto"
+    threads: int = 2
+    num_workers: int = 0
+    deterministic: bool = True
+    progress: bool = True
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+
+
+DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig}
+SECTION_SCHEMAS: Dict[str, type] = {"student": ModelConfig, "teacher": TeacherConfig,
+                                    "optim": OptimConfig, "budget": BudgetConfig}
+
+
+# ------------------------------------------------------------------------------------- compose
+def available_options(group: str, conf_dir: Path = CONF_DIR) -> List[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def load_config(overrides: List[str] | tuple = (), conf_dir: Path | str | None = None) -> Dict[str, Any]:
+    """Compose `conf/config.yaml` with Hydra overrides, validate, return a plain resolved dict."""
+    conf_dir = Path(conf_dir or os.environ.get("HARNESS_CONF_DIR") or CONF_DIR).resolve()
+    if not (conf_dir / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {conf_dir}; the harness expects its conf/ folder there")
+    composed = _compose(list(overrides), conf_dir)
+    raw = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
+    cfg = validate(raw, conf_dir)
+    _absolutise_paths(cfg)
+    return cfg
+
+
+def _compose(overrides: List[str], conf_dir: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from hydra.core.global_hydra import GlobalHydra
+
+    _check_override_syntax(overrides, conf_dir)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except MissingConfigException as e:
+        raise ConfigError(_explain_missing(str(e), conf_dir)) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain_hydra(str(e), overrides, conf_dir)) from None
+
+
+def _check_override_syntax(overrides: List[str], conf_dir: Path) -> None:
+    """Catch the mistakes Hydra reports least clearly, before it parses."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"'{ov}' is not an override: write key=value (e.g. optim.lr=0.02), "
+                              f"group=option (e.g. student=deeplabv3_mobilenetv2) or +method=NAME")
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key == "method" and not ov.startswith(("+", "~")):
+            raise ConfigError(f"methods are added, not replaced: write '+{ov}' "
+                              f"(available methods: {', '.join(available_options('method', conf_dir))})")
+        if key.startswith("method.") and not any(o.lstrip("+").startswith("method=") for o in overrides):
+            name = key.split(".")[1]
+            raise ConfigError(f"'{ov}' sets a parameter of method '{name}', but no method is selected: "
+                              f"add +method={name} (available methods: "
+                              f"{', '.join(available_options('method', conf_dir))})")
+
+
+def _explain_missing(msg: str, conf_dir: Path) -> str:
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if m:
+        group, option = m.groups()
+        choices = available_options(group, conf_dir)
+        close = difflib.get_close_matches(option, choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"unknown {group} '{option}'. Valid choices for {group}: {', '.join(choices)}.{hint}"
+    return " ".join(msg.split())
+
+
+def _explain_hydra(msg: str, overrides: List[str], conf_dir: Path) -> str:
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        return _unknown_key_message(m.group(1), overrides, conf_dir)
+    m = re.search(r"Could not append to config. An item is already at '([^']+)'", msg)
+    if m:
+        return f"'{m.group(1)}' already exists; set it without the leading '+'."
+    return " ".join(msg.split())
+
+
+def _unknown_key_message(path: str, overrides: List[str], conf_dir: Path) -> str:
+    """Name the keys that do exist next to the misspelt one, read from the config without it."""
+    parent, _, leaf = path.rpartition(".")
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != path]
+    try:
+        node = OmegaConf.select(_compose(rest, conf_dir), parent) if parent else _compose(rest, conf_dir)
+        valid = sorted(node.keys()) if OmegaConf.is_dict(node) else []
+    except ConfigError:
+        valid = []
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean '{(parent + '.' if parent else '') + close[0]}'?" if close else ""
+    where = f"'{parent}'" if parent else "the top level"
+    return f"unknown config key '{path}'. Valid keys at {where}: {', '.join(valid)}.{hint}"
+
+
+# ------------------------------------------------------------------------------------ validate
+def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR) -> Dict[str, Any]:
+    """Check every section against its schema and the harness's invariants; return the plain dict."""
+    raw = dict(raw)
+    groups = {g: raw.pop(g, None) for g in GROUPS}
+    out: Dict[str, Any] = _against(TopConfig, raw, "")
+    for group in ("dataset", "student", "teacher", "optim", "budget"):
+        if groups[group] is None:
+            raise ConfigError(f"config group '{group}' is missing; choose one of "
+                              f"{', '.join(available_options(group, conf_dir))}")
+    ds_name = groups["dataset"].get("name")
+    if ds_name not in DATASET_SCHEMAS:
+        raise ConfigError(f"dataset '{ds_name}' has no schema; known datasets: {', '.join(DATASET_SCHEMAS)}")
+    out["dataset"] = _against(DATASET_SCHEMAS[ds_name], groups["dataset"], "dataset")
+    from harness.data import check_config
+
+    try:
+        check_config(out["dataset"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for section, schema in SECTION_SCHEMAS.items():
+        out[section] = _against(schema, groups[section], section)
+    out["method"] = _validate_methods(groups["method"] or {}, conf_dir)
+    _check_invariants(out)
+    return out
+
+
+def _against(schema: type, section: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        return OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain_validation(e, schema, prefix)) from None
+
+
+def _explain_validation(e: OmegaConfBaseException, schema: type, prefix: str) -> str:
+    key = getattr(e, "full_key", "") or ""
+    path = f"{prefix}.{key}" if prefix and key else (prefix or key)
+    text = str(e).splitlines()[0]
+    if "not in" in text or "Key '" in text and "not" in text:
+        valid = [f.name for f in dataclasses.fields(schema)]
+        leaf = path.rpartition(".")[2]
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" Did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+        return f"unknown config key '{path}'. Valid keys in '{prefix or 'top level'}': {', '.join(valid)}.{hint}"
+    if "Missing mandatory value" in text:
+        return f"config value '{path}' is required but not set"
+    expected = _expected_type(schema, key)
+    return f"wrong type for '{path}': {text}" + (f" (expected {expected})" if expected else "")
+
+
+def _expected_type(schema: type, key: str) -> str:
+    leaf = key.split(".")[-1].split("[")[0]
+    for f in dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else []:
+        if f.name == leaf:
+            return str(f.type).replace("typing.", "")
+    return ""
+
+
+def _validate_methods(section: Dict[str, Any], conf_dir: Path) -> Dict[str, Any]:
+    from harness.methods import METHODS
+
+    out = {}
+    for name, params in section.items():
+        if name not in METHODS:
+            raise ConfigError(f"unknown method '{name}'. Valid methods: {', '.join(sorted(METHODS))}")
+        out[name] = _against(METHODS[name].Config, params or {}, f"method.{name}")
+    return out
+
+
+def _check_invariants(cfg: Dict[str, Any]) -> None:
+    def positive(path: str, value) -> None:
+        if value is None or value <= 0:
+            raise ConfigError(f"'{path}' must be positive, got {value}")
+
+    b, o, d = cfg["budget"], cfg["optim"], cfg["dataset"]
+    for key in ("iterations", "batch_size", "eval_interval", "eval_batch_size",
+                "teacher_iterations", "teacher_batch_size"):
+        positive(f"budget.{key}", b[key])
+    if len(b["crop_size"]) != 2 or min(b["crop_size"]) <= 0:
+        raise ConfigError(f"'budget.crop_size' must be two positive integers [height, width], got {b['crop_size']}")
+    lo, hi = (b["scale_range"] + [None, None])[:2]
+    if len(b["scale_range"]) != 2 or not 0 < lo <= hi:
+        raise ConfigError(f"'budget.scale_range' must be [low, high] with 0 < low <= high, got {b['scale_range']}")
+    positive("optim.lr", o["lr"])
+    if o["weight_decay"] < 0:
+        raise ConfigError(f"'optim.weight_decay' must be >= 0, got {o['weight_decay']}")
+    if o["name"] != "sgd":
+        raise ConfigError(f"unknown optimiser '{o['name']}'. Valid choices for optim.name: sgd")
+    for split_key in ("train_split", "eval_split"):
+        if cfg[split_key] not in SPLITS:
+            raise ConfigError(f"'{split_key}' must be one of {', '.join(SPLITS)}, got '{cfg[split_key]}'")
+    if cfg["device"] not in DEVICES:
+        raise ConfigError(f"'device' must be one of {', '.join(DEVICES)}, got '{cfg['device']}'")
+    positive("threads", cfg["threads"])
+    if len(d["class_names"]) != d["num_classes"]:
+        raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
+                          f"but num_classes = {d['num_classes']}")
+    for section in ("student", "teacher"):
+        if cfg[section]["output_stride"] not in (8, 16, 32):
+            raise ConfigError(f"'{section}.output_stride' must be 8, 16 or 32, "
+                              f"got {cfg[section]['output_stride']}")
+    for name, params in cfg["method"].items():
+        for key, value in params.items():
+            if key == "weight" or key.endswith("_weight") or key == "tau":
+                if isinstance(value, (int, float)) and value < 0 or key == "tau" and value == 0:
+                    raise ConfigError(f"'method.{name}.{key}' must be "
+                                      f"{'positive' if key == 'tau' else '>= 0'}, got {value}")
+
+
+def _absolutise_paths(cfg: Dict[str, Any]) -> None:
+    """Relative paths are relative to where the command was started; trials must not care."""
+    for key, value in cfg["paths"].items():
+        cfg["paths"][key] = str(Path(value).expanduser().resolve())
+    for section in ("student", "teacher"):
+        for key in ("pretrained", "checkpoint"):
+            if cfg[section].get(key):
+                cfg[section][key] = str(Path(cfg[section][key]).expanduser().resolve())
+    if cfg["store"]["url"] is None:
+        cfg["store"]["url"] = "sqlite:///" + str(Path(cfg["paths"]["results"]) / "harness.db")
+
+
+# ---------------------------------------------------------------------------------------- hash
+def stable_hash(obj: Any, length: int = 12) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def run_definition(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The parts of a config that define what a run computes (a student-only run has no teacher)."""
+    part = {k: cfg.get(k) for k in RUN_DEFINING_KEYS}
+    if not cfg.get("method"):
+        part.pop("teacher")
+    return part
+
+
+def run_hash(cfg: Dict[str, Any]) -> str:
+    return stable_hash(run_definition(cfg))
+
+
+def methods_of(cfg: Dict[str, Any]) -> List[str]:
+    return sorted(cfg.get("method") or {})
+
+
+def arm_of(cfg: Dict[str, Any]) -> str:
+    return "distilled" if cfg.get("method") else "student-only"

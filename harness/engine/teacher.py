@@ -1,0 +1,195 @@
+"""Teachers: given as a checkpoint, found in the cache, or trained on first use.
+
+The cache lives in `<paths.cache>/teachers/<key>/` with `teacher.pt` (a state dict) and
+`meta.json` (provenance: checkpoint sha256, val mIoU re-measured by our evaluator on the whole val
+split, the run that trained it). The key hashes the teacher's model and training settings, the
+dataset and the teacher's budget, so changing any of them trains a new teacher and changing the
+student's hyperparameters never does. A file lock makes concurrent trials wait for one training
+instead of each training its own.
+
+Every teacher handed to a method is frozen: eval mode, requires_grad False, called under no-grad.
+Checkpoints are loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from harness.config import ConfigError, stable_hash
+from harness.data import build_dataset
+from harness.engine.evaluate import evaluate
+from harness.models import Segmenter, build_segmenter
+
+MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "aux", "aux_weight",
+              "dropout", "pretrained")
+BUDGET_KEYS = ("name", "teacher_iterations", "teacher_batch_size", "crop_size", "scale_range", "flip")
+
+
+class TeacherError(ConfigError):
+    """A teacher checkpoint that cannot be used (missing, corrupt, or for another model/dataset)."""
+
+
+def teacher_key(cfg: dict) -> str:
+    t = cfg["teacher"]
+    return stable_hash({"teacher": {k: t[k] for k in MODEL_KEYS}, "train": t["train"],
+                        "dataset": cfg["dataset"], "budget": {k: cfg["budget"][k] for k in BUDGET_KEYS}})
+
+
+def teacher_dir(cfg: dict) -> Path:
+    return Path(cfg["paths"]["cache"]) / "teachers" / f"{cfg['teacher']['name']}-{teacher_key(cfg)}"
+
+
+def get_teacher(cfg: dict, device: torch.device, command: str = "") -> Tuple[Segmenter, Dict]:
+    """The frozen teacher for `cfg` and its provenance record."""
+    if cfg["teacher"]["checkpoint"]:
+        path = Path(cfg["teacher"]["checkpoint"])
+        model = load_checkpoint(cfg, path)
+        info = _measured(cfg, path, model)
+    else:
+        model, info = cached_or_trained(cfg, command)
+    return freeze(model.to(device)), info
+
+
+def cached_or_trained(cfg: dict, command: str = "") -> Tuple[Segmenter, Dict]:
+    folder = teacher_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        ckpt, meta_path = folder / "teacher.pt", folder / "meta.json"
+        if ckpt.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sha256") != sha256_of(ckpt):
+                raise TeacherError(f"the cached teacher {ckpt} does not match the hash in its meta.json "
+                                   f"(corrupt or edited); delete {folder} to retrain it")
+            return load_checkpoint(cfg, ckpt), meta
+        print(f"[harness] no cached teacher '{cfg['teacher']['name']}' for this dataset and budget "
+              f"(key {teacher_key(cfg)}): training it first "
+              f"({cfg['budget']['teacher_iterations']} iterations).", file=sys.stderr, flush=True)
+        return train_teacher(cfg, folder, command)
+
+
+def train_teacher(cfg: dict, folder: Path, command: str = "") -> Tuple[Segmenter, Dict]:
+    from harness.engine.train import run
+
+    tcfg = teacher_training_config(cfg)
+    result = run(tcfg, command=command or "teacher", arm="teacher",
+                 extra={"teacher_key": teacher_key(cfg)})
+    if result.record["status"] != "completed":
+        raise RuntimeError(f"training the teacher failed: {result.record['failure_reason']}")
+    ckpt = folder / "teacher.pt"
+    tmp = folder / f".teacher.{os.getpid()}.tmp"
+    torch.save(result.model.state_dict(), tmp)
+    os.replace(tmp, ckpt)
+    model = load_checkpoint(cfg, ckpt)
+    metrics = measure(cfg, model)
+    meta = {"source": "trained", "key": teacher_key(cfg), "name": cfg["teacher"]["name"],
+            "checkpoint": str(ckpt), "sha256": sha256_of(ckpt), "val_miou": metrics["miou"],
+            "val_per_class_iou": metrics["per_class_iou"], "val_images": metrics["images"],
+            "trained_by_run": result.record["run_id"], "iterations": result.record["iterations"],
+            "train_time_s": result.record["train_time_s"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = folder / f".meta.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / "meta.json")
+    print(f"[harness] teacher trained: val mIoU {100 * metrics['miou']:.2f} (re-measured), "
+          f"cached in {folder}", file=sys.stderr, flush=True)
+    return model, meta
+
+
+def teacher_training_config(cfg: dict) -> dict:
+    """The run that trains the teacher: the teacher model as the 'student', its own optimiser."""
+    t, b = cfg["teacher"], cfg["budget"]
+    tcfg = copy.deepcopy(cfg)
+    tcfg["student"] = {k: t[k] for k in MODEL_KEYS}
+    tcfg["method"] = {}
+    tcfg["optim"] = {"name": "sgd", "lr": t["train"]["lr"], "momentum": t["train"]["momentum"],
+                     "weight_decay": t["train"]["weight_decay"], "nesterov": False, "poly_power": 0.9,
+                     "grad_clip_norm": None}
+    tcfg["budget"] = {**b, "iterations": b["teacher_iterations"], "batch_size": b["teacher_batch_size"],
+                      "eval_interval": b["teacher_iterations"]}
+    tcfg["seed"] = t["train"]["seed"]
+    tcfg["train_split"], tcfg["eval_split"] = "train", "val"
+    return tcfg
+
+
+def load_checkpoint(cfg: dict, path: Path) -> Segmenter:
+    """Build the configured teacher and load `path` into it, with errors a user can act on."""
+    num_classes = cfg["dataset"]["num_classes"]
+    if not path.is_file():
+        raise TeacherError(f"teacher checkpoint {path} does not exist (teacher.checkpoint); give the "
+                           f"path of a state dict saved with torch.save(model.state_dict(), path), or set "
+                           f"teacher.checkpoint=null to train the teacher")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise TeacherError(f"teacher checkpoint {path} cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); it is corrupt or not a torch state dict") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"teacher checkpoint {path} is not a state dict (a dict of tensors)")
+    model = build_segmenter({k: cfg["teacher"][k] for k in MODEL_KEYS}, num_classes)
+    expected = model.state_dict()
+    wrong = [f"'{k}' is {list(v.shape)} in the file, the model needs {list(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise TeacherError(f"teacher checkpoint {path} does not fit teacher '{cfg['teacher']['name']}' "
+                           f"with {num_classes} classes (dataset '{cfg['dataset']['name']}'): "
+                           + "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise TeacherError(f"teacher checkpoint {path} is for another architecture than "
+                           f"'{cfg['teacher']['name']}': missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    model.load_state_dict(state)
+    return model
+
+
+def measure(cfg: dict, model: Segmenter) -> Dict:
+    """The teacher's mIoU on the whole val split, by the same evaluator as every student."""
+    cache_dir = str(Path(cfg["paths"]["cache"]) / "data")
+    val = build_dataset(cfg["dataset"], "val", cache_dir=cache_dir)
+    loader = DataLoader(val, batch_size=cfg["budget"]["eval_batch_size"], shuffle=False)
+    device = next(model.parameters()).device
+    return evaluate(model, loader, val.num_classes, val.ignore_index, device, class_names=val.class_names)
+
+
+def _measured(cfg: dict, path: Path, model: Segmenter) -> Dict:
+    """Provenance of a user-given checkpoint; its val mIoU is measured once per (file, dataset)."""
+    digest = sha256_of(path)
+    record = Path(cfg["paths"]["cache"]) / "teachers" / "measured" / f"{digest[:16]}-{stable_hash(cfg['dataset'])}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    metrics = measure(cfg, model)
+    info = {"source": "checkpoint", "checkpoint": str(path), "sha256": digest, "name": cfg["teacher"]["name"],
+            "val_miou": metrics["miou"], "val_per_class_iou": metrics["per_class_iou"],
+            "val_images": metrics["images"]}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, record)
+    return info
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

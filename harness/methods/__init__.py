@@ -1,0 +1,20 @@
+"""Distillation methods: one file each, registered by name (the `+method=NAME` of the CLI)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from harness.methods.base import Batch, Method, MethodContext, Progress
+from harness.methods.kd import PixelKD
+
+METHODS: Dict[str, type] = {m.name: m for m in (PixelKD,)}
+
+
+def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Method]:
+    """One module per selected method, in a stable (sorted) order."""
+    unknown = sorted(set(method_cfg) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))}")
+    return [METHODS[name](method_cfg[name], ctx) for name in sorted(method_cfg)]
+
+
+__all__ = ["Batch", "Method", "MethodContext", "Progress", "METHODS", "build_methods"]

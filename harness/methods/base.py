@@ -1,0 +1,76 @@
+"""The method interface: what every distillation method is and may do.
+
+A method turns (student output, teacher output, batch, training progress) into named, UNWEIGHTED
+loss terms. Weights, temperatures and other hyperparameters come from its config section
+(`method.<name>.*`), so a sweep can tune any of them by config path. Trainable extras
+(projectors, discriminators) are submodules of the method: they join the student's optimiser
+unless the method declares an optimiser of its own through `own_optimizer` and steps it in
+`extra_step` (the adversarial methods); the train loop has no special cases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional
+
+import torch
+from torch import nn
+
+from harness.models import SegOutput
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # B x 3 x H x W, normalised
+    mask: torch.Tensor   # B x H x W, class ids, ignore_index where unlabelled
+
+
+@dataclass
+class Progress:
+    iteration: int       # 0-based index of the current step
+    total: int           # iterations in the run
+
+    @property
+    def fraction(self) -> float:
+        return self.iteration / max(self.total, 1)
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run when it is built."""
+    num_classes: int
+    ignore_index: int
+    student_channels: Dict[str, int]
+    student_strides: Dict[str, int]
+    teacher_channels: Dict[str, int]
+    teacher_strides: Dict[str, int]
+    generator: torch.Generator  # all randomness inside a method comes from here (replayable)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `Config` (a dataclass schema) and implement `terms`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, cfg: dict, ctx: MethodContext):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.ctx = ctx
+
+    def weights(self) -> Dict[str, float]:
+        """Weight of each term returned by `terms`; by default the single term `name` has `weight`."""
+        return {self.name: float(self.cfg["weight"])}
+
+    def terms(self, student: SegOutput, teacher: Optional[SegOutput], batch: Batch,
+              progress: Progress) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def own_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """An optimiser for parameters the student's optimiser must not touch (None: share it)."""
+        return None
+
+    def extra_step(self, student: SegOutput, teacher: Optional[SegOutput], batch: Batch,
+                   progress: Progress) -> Dict[str, float]:
+        """Called after the student's step, for methods with their own optimiser; returns logs."""
+        return {}

@@ -1,0 +1,79 @@
+"""Segmentation models: dilated torchvision backbones, PSPNet / DeepLabV3 heads.
+
+``build_segmenter(cfg, num_classes)`` turns a ``student`` / ``teacher`` config
+group (a plain dict or an OmegaConf DictConfig) into a :class:`Segmenter`::
+
+    {"name": "pspnet_resnet18", "backbone": "resnet18", "head": "pspnet",
+     "output_stride": 8, "head_channels": 128, "aux": True, "aux_weight": 0.4,
+     "dropout": 0.1, "pretrained": None}
+
+Only ``backbone`` and ``head`` are required.  Defaults: ``output_stride`` 8,
+``head_channels`` the paper's width (512 for pspnet, 256 for deeplabv3),
+``aux`` True, ``aux_weight`` 0.4, ``dropout`` 0.1, ``pretrained`` None.
+``pretrained`` is None or the path of a LOCAL torchvision-layout backbone
+state dict; weights are never downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .backbones import BACKBONES, STAGES, load_pretrained
+from .heads import DEFAULT_HEAD_CHANNELS, HEADS, AuxFCNHead, DeepLabV3Head, PSPHead
+from .segmenter import Segmenter, SegOutput, count_parameters
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "STAGES",
+    "AuxFCNHead",
+    "DeepLabV3Head",
+    "PSPHead",
+    "SegOutput",
+    "Segmenter",
+    "build_segmenter",
+    "count_parameters",
+    "load_pretrained",
+]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
+    """Build the model a ``student`` / ``teacher`` config group describes.
+
+    Raises ``ValueError`` for an unknown backbone or head (naming the valid
+    choices), an invalid ``output_stride`` or ``num_classes``; and, through
+    :func:`load_pretrained`, ``FileNotFoundError`` / ``ValueError`` for a
+    missing or mismatching ``pretrained`` file.
+    """
+    backbone_name = _get(cfg, "backbone")
+    head_name = _get(cfg, "head")
+    if backbone_name not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone_name!r}; valid choices: {sorted(BACKBONES)}")
+    if head_name not in HEADS:
+        raise ValueError(f"unknown head {head_name!r}; valid choices: {sorted(HEADS)}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+    output_stride = int(_get(cfg, "output_stride", 8))
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be one of (8, 16, 32), got {output_stride!r}")
+    head_channels = int(_get(cfg, "head_channels", DEFAULT_HEAD_CHANNELS[head_name]))
+    dropout = float(_get(cfg, "dropout", 0.1))
+    aux = bool(_get(cfg, "aux", True))
+    aux_weight = float(_get(cfg, "aux_weight", 0.4))
+    name = str(_get(cfg, "name", f"{head_name}_{backbone_name}"))
+
+    backbone = BACKBONES[backbone_name](output_stride)
+    pretrained = _get(cfg, "pretrained")
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    head = HEADS[head_name](backbone.channels["stage4"], int(num_classes), head_channels, dropout, output_stride)
+    return Segmenter(backbone, head, int(num_classes), aux=aux, aux_weight=aux_weight, name=name)

@@ -1,0 +1,392 @@
+"""Results database: one row per run, through SQLAlchemy Core 2.x.
+
+The store is addressed by an SQLAlchemy URL (``sqlite:////abs/path/results/harness.db``
+by default, later e.g. ``postgresql://user@host/db``); a plain filesystem path is accepted
+too and turned into an absolute ``sqlite:///`` URL.  The schema is created on first use.
+
+Concurrency (SQLite): every connection gets WAL journal mode and a 60 s busy timeout from
+a ``connect`` event, and every *write* transaction starts with ``BEGIN IMMEDIATE`` so that
+concurrent writers queue on the busy timeout instead of failing with "database is locked"
+when a deferred read transaction tries to upgrade to a write lock.  Each ``append`` /
+``update`` is one transaction.  Schema creation runs in such a transaction with
+``checkfirst`` and additionally tolerates the "already exists" race that other backends can
+raise when two processes create the schema at the same moment.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import time
+import uuid
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+SCHEMA_VERSION = 1
+TABLE_NAME = "runs"
+META_TABLE_NAME = "meta"
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
+# (name, type) in the order they appear in the table and in COLUMNS.
+_COLUMN_SPECS: tuple[tuple[str, Any], ...] = (
+    ("run_id", sa.String(255)),  # VARCHAR: indexable on every backend; TEXT affinity in SQLite
+    ("created_at", sa.Text),
+    ("command", sa.Text),
+    ("config_json", sa.Text),
+    ("config_hash", sa.String(255)),
+    ("arm", sa.Text),
+    ("methods", sa.Text),
+    ("dataset", sa.Text),
+    ("student", sa.Text),
+    ("teacher", sa.Text),
+    ("seed", sa.Integer),
+    ("split", sa.Text),
+    ("status", sa.Text),
+    ("failure_reason", sa.Text),
+    ("sweep_id", sa.String(255)),
+    ("stage", sa.Text),
+    ("trial_id", sa.Text),
+    ("params_json", sa.Text),
+    ("final_miou", sa.Float),
+    ("best_miou", sa.Float),
+    ("best_iteration", sa.Integer),
+    ("pixel_accuracy", sa.Float),
+    ("per_class_iou_json", sa.Text),
+    ("history_json", sa.Text),
+    ("iterations", sa.Integer),
+    ("wall_time_s", sa.Float),
+    ("train_time_s", sa.Float),
+    ("energy_kwh", sa.Float),
+    ("co2_kg", sa.Float),
+    ("carbon_intensity_g_per_kwh", sa.Float),
+    ("energy_json", sa.Text),
+    ("git_commit", sa.Text),
+    ("versions_json", sa.Text),
+    ("host", sa.Text),
+    ("extra_json", sa.Text),
+)
+
+COLUMNS: tuple[str, ...] = tuple(name for name, _ in _COLUMN_SPECS)
+JSON_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c.endswith("_json"))
+INT_COLUMNS: tuple[str, ...] = tuple(n for n, t in _COLUMN_SPECS if t is sa.Integer)
+FLOAT_COLUMNS: tuple[str, ...] = tuple(n for n, t in _COLUMN_SPECS if t is sa.Float)
+TEXT_COLUMNS: tuple[str, ...] = tuple(
+    c for c in COLUMNS if c not in INT_COLUMNS and c not in FLOAT_COLUMNS and c not in JSON_COLUMNS
+)
+ARMS = ("student-only", "distilled", "teacher")
+STATUSES = ("completed", "failed", "running")
+
+_metadata = sa.MetaData()
+runs_table = sa.Table(
+    TABLE_NAME,
+    _metadata,
+    *[
+        sa.Column(name, typ, primary_key=(name == "run_id"), nullable=(name != "run_id"))
+        for name, typ in _COLUMN_SPECS
+    ],
+    sa.Index("ix_runs_config_hash", "config_hash"),
+    sa.Index("ix_runs_sweep_id", "sweep_id"),
+)
+meta_table = sa.Table(
+    META_TABLE_NAME,
+    _metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=True),
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _json_default(obj: Any) -> Any:
+    """Make numpy / torch scalars and arrays, sets and paths JSON-serialisable."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def dumps_json(value: Any) -> str:
+    """Canonical JSON text used for every *_json column."""
+    return json.dumps(value, sort_keys=True, default=_json_default)
+
+
+def normalize_url(url: str | os.PathLike) -> str:
+    """Return an SQLAlchemy URL; plain paths become absolute ``sqlite:///`` URLs.
+
+    For SQLite file URLs a relative database path is made absolute and the parent
+    directory is created.
+    """
+    url = os.fspath(url)
+    if "://" not in url:
+        path = os.path.abspath(os.path.expanduser(url))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return "sqlite:///" + path
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:") and "mode=memory" not in url:
+            path = os.path.abspath(os.path.expanduser(db))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            parsed = parsed.set(database=path)
+            return parsed.render_as_string(hide_password=False)
+    return url
+
+
+def _is_already_exists(exc: BaseException) -> bool:
+    msg = str(getattr(exc, "orig", exc)).lower()
+    return (
+        "already exists" in msg
+        or "duplicate" in msg  # postgres pg_type unique violation / mysql duplicate key
+        or "unique constraint" in msg
+    )
+
+
+# --------------------------------------------------------------------------- store
+
+
+class ResultsStore:
+    """One row per run in table ``runs``; see module docstring."""
+
+    COLUMNS: tuple[str, ...] = COLUMNS
+    JSON_COLUMNS: tuple[str, ...] = JSON_COLUMNS
+    SCHEMA_VERSION: int = SCHEMA_VERSION
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = normalize_url(url)
+        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        self.engine = sa.create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            self._install_sqlite_events(self.engine)
+        self._ensure_schema()
+
+    # ---- engine setup -------------------------------------------------------------
+
+    @staticmethod
+    def _install_sqlite_events(engine: sa.Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+            # Driver-level autocommit: SQLAlchemy's "begin" event below emits BEGIN itself,
+            # so the pysqlite driver never opens implicit (deferred) transactions.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            try:
+                # busy_timeout first, so that switching to WAL waits for other processes.
+                cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+                cur.execute("PRAGMA journal_mode = WAL")
+            finally:
+                cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):  # noqa: ANN001
+            if conn.get_execution_options().get("harness_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                # Take the write lock up front: concurrent writers wait on busy_timeout
+                # instead of hitting an unrecoverable lock upgrade (SQLITE_BUSY).
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _read(self):
+        return self.engine.connect().execution_options(harness_readonly=True)
+
+    # ---- schema ---------------------------------------------------------------------
+
+    def _ensure_schema(self, attempts: int = 5) -> None:
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as conn:
+                    _metadata.create_all(conn, checkfirst=True)
+                    row = conn.execute(
+                        sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+                    ).first()
+                    if row is None:
+                        conn.execute(
+                            meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                        )
+                    elif int(row[0]) > SCHEMA_VERSION:
+                        raise RuntimeError(
+                            f"results database {self.url} has schema_version {row[0]}, "
+                            f"this harness supports up to {SCHEMA_VERSION}"
+                        )
+                return
+            except (DBAPIError, IntegrityError) as exc:
+                # Another process created the tables / meta row at the same moment.
+                if not _is_already_exists(exc):
+                    raise
+                last = exc
+                time.sleep(0.05 * (attempt + 1))
+        # Tables exist (created by someone else); make sure they are really there.
+        insp = sa.inspect(self.engine)
+        if not (insp.has_table(TABLE_NAME) and insp.has_table(META_TABLE_NAME)):
+            raise RuntimeError(f"could not create schema in {self.url}") from last
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+        return int(row[0]) if row else 0
+
+    # ---- encoding -------------------------------------------------------------------
+
+    @staticmethod
+    def _check_columns(keys: Iterable[str], what: str) -> None:
+        unknown = sorted(k for k in keys if k not in COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(COLUMNS)})")
+
+    @staticmethod
+    def _encode_value(col: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if col in JSON_COLUMNS:
+            if isinstance(value, str):
+                try:
+                    json.loads(value)
+                except ValueError as exc:
+                    raise ValueError(f"column {col}: string value is not valid JSON text") from exc
+                return value
+            return dumps_json(value)
+        if col == "methods":
+            names = value.split(",") if isinstance(value, str) else [str(m) for m in value]
+            return ",".join(sorted(n.strip() for n in names if n.strip()))
+        if col in INT_COLUMNS:
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"column {col}: expected an integer, got {value!r}")
+            return int(value)
+        if col in FLOAT_COLUMNS:
+            if hasattr(value, "item"):
+                value = value.item()
+            return float(value)
+        if isinstance(value, (_dt.datetime, _dt.date)):
+            return value.isoformat()
+        if not isinstance(value, str):
+            return str(value)
+        return value
+
+    @classmethod
+    def _encode(cls, record: dict) -> dict:
+        return {k: cls._encode_value(k, v) for k, v in record.items()}
+
+    @staticmethod
+    def _decode(row: sa.Row) -> dict:
+        out = dict(row._mapping)
+        for col in JSON_COLUMNS:
+            v = out.get(col)
+            if isinstance(v, str):
+                out[col] = json.loads(v)
+        for col in FLOAT_COLUMNS:
+            v = out.get(col)
+            if isinstance(v, float) and math.isnan(v):
+                out[col] = None
+        return out
+
+    def _where(self, equals: dict):
+        self._check_columns(equals, "column")
+        clauses = []
+        for k, v in equals.items():
+            col = runs_table.c[k]
+            if v is None:
+                clauses.append(col.is_(None))
+            elif isinstance(v, (list, tuple, set, frozenset)):
+                clauses.append(col.in_([self._encode_value(k, x) for x in v]))
+            else:
+                clauses.append(col == self._encode_value(k, v))
+        return clauses
+
+    # ---- public API -----------------------------------------------------------------
+
+    def append(self, record: dict) -> str:
+        """Insert one row in one transaction; returns its run_id."""
+        self._check_columns(record, "keys")
+        row = dict(record)
+        if not row.get("run_id"):
+            row["run_id"] = uuid.uuid4().hex
+        if not row.get("created_at"):
+            row["created_at"] = _now_iso()
+        if row.get("status") is None:
+            row["status"] = "completed"
+        values = self._encode(row)
+        with self.engine.begin() as conn:
+            conn.execute(runs_table.insert().values(**values))
+        return values["run_id"]
+
+    def get(self, run_id: str) -> dict | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(runs_table).where(runs_table.c.run_id == run_id)).first()
+        return None if row is None else self._decode(row)
+
+    def query(self, **equals) -> list[dict]:
+        """Rows whose columns equal the given values (None -> IS NULL, list -> IN),
+        oldest first."""
+        stmt = (
+            sa.select(runs_table)
+            .where(*self._where(equals))
+            .order_by(runs_table.c.created_at, runs_table.c.run_id)
+        )
+        with self._read() as conn:
+            return [self._decode(r) for r in conn.execute(stmt)]
+
+    def update(self, run_id: str, **fields) -> None:
+        """Change columns of an existing run in one transaction; KeyError if absent."""
+        self._check_columns(fields, "column")
+        if "run_id" in fields:
+            raise ValueError("run_id cannot be updated")
+        if not fields:
+            return
+        values = self._encode(fields)
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                runs_table.update().where(runs_table.c.run_id == run_id).values(**values)
+            )
+            if res.rowcount == 0:
+                raise KeyError(f"no run with run_id {run_id!r}")
+
+    def count(self, **equals) -> int:
+        stmt = sa.select(sa.func.count()).select_from(runs_table).where(*self._where(equals))
+        with self._read() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def dataframe(self, **equals):
+        import pandas as pd
+
+        return pd.DataFrame(self.query(**equals), columns=list(COLUMNS))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):  # picklable (e.g. for worker processes): reconnect by URL
+        return (type(self), (self.url,))
+
+    def __repr__(self) -> str:
+        return f"ResultsStore({make_url(self.url).render_as_string(hide_password=True)!r})"

@@ -1,0 +1,97 @@
+"""Config composition, validation, hashing and the CLI's answers to bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import COMMANDS, main
+from harness.config import ConfigError, PROJECT_ROOT, load_config, run_hash
+
+
+def test_default_config_is_a_plain_validated_dict():
+    cfg = load_config([])
+    assert type(cfg) is dict and type(cfg["optim"]) is dict
+    assert cfg["dataset"]["name"] == "synthetic" and cfg["budget"]["name"] == "quick"
+    assert cfg["method"] == {}  # no method = the student-only arm
+    assert os.path.isabs(cfg["paths"]["results"]) and cfg["store"]["url"].startswith("sqlite:///")
+
+
+def test_method_is_added_and_its_parameters_are_config_paths():
+    cfg = load_config(["+method=kd", "method.kd.tau=4", "optim.lr=0.02", "seed=3"])
+    assert cfg["method"] == {"kd": {"weight": 1.0, "tau": 4.0}}
+    assert cfg["optim"]["lr"] == 0.02 and cfg["seed"] == 3
+    assert load_config(["+method=[kd]"])["method"] == {"kd": {"weight": 1.0, "tau": 1.0}}
+
+
+def test_group_options_are_selectable():
+    cfg = load_config(["dataset=synthetic", "student=deeplabv3_mobilenetv2", "budget=smoke"])
+    assert cfg["student"]["backbone"] == "mobilenet_v2" and cfg["budget"]["iterations"] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["student=resnet9000"], "unknown student 'resnet9000'. Valid choices for student: "),
+    (["budget=quik"], "Did you mean 'quick'"),
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    (["+optim.lrr=0.1"], "Did you mean 'optim.lr'"),
+    (["optim.lr=abc"], "wrong type for 'optim.lr'"),
+    (["budget.iterations=2.5"], "wrong type for 'budget.iterations'"),
+    (["budget.iterations=0"], "'budget.iterations' must be positive"),
+    (["optim.lr=-1"], "'optim.lr' must be positive"),
+    (["eval_split=test"], "'eval_split' must be one of train, tune, val"),
+    (["device=tpu"], "'device' must be one of auto, cpu, cuda"),
+    (["+method=nosuch"], "unknown method 'nosuch'. Valid choices for method: kd"),
+    (["method=kd"], "write '+method=kd'"),
+    (["method.kd.tau=4"], "add +method=kd"),
+    (["+method=kd", "method.kd.tau=0"], "'method.kd.tau' must be positive"),
+    (["+method=kd", "method.kd.temp=2"], "unknown config key 'method.kd.temp'"),
+    (["lr"], "is not an override"),
+])
+def test_bad_input_is_a_config_error_naming_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(overrides)
+    assert message in str(info.value), str(info.value)
+
+
+def test_cli_exit_code_2_and_one_paragraph(capsys):
+    assert main(["train", "student=resnet9000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown student") and "pspnet_resnet18" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_unknown_command_and_flags(capsys):
+    assert main(["trian"]) == 2
+    assert "Valid commands: " + ", ".join(COMMANDS) in capsys.readouterr().err
+    assert main(["train", "--lr", "3"]) == 2
+    assert "unknown option --lr" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert sum(line.strip().startswith(name + " ") for line in out.splitlines()) == 1
+    assert main(["train", "--help"]) == 0
+    assert "student={" in capsys.readouterr().out
+
+
+def test_no_traceback_through_the_real_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "harness", "train", "optim.lr=abc"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "wrong type for 'optim.lr'" in proc.stderr
+
+
+def test_run_hash_is_stable_and_covers_only_what_defines_a_run(tmp_path):
+    base = load_config(["budget=smoke"])
+    assert run_hash(base) == run_hash(load_config(["budget=smoke"]))
+    elsewhere = load_config(["budget=smoke", f"paths.results={tmp_path}", "threads=1", "progress=false"])
+    assert run_hash(elsewhere) == run_hash(base)
+    assert run_hash(load_config(["budget=smoke", "optim.lr=0.5"])) != run_hash(base)
+    assert run_hash(load_config(["budget=smoke", "seed=1"])) != run_hash(base)
+    # a student-only run does not depend on which teacher is configured; a distilled run does
+    assert run_hash(load_config(["budget=smoke", "teacher=pspnet_resnet34"])) == run_hash(base)
+    kd = ["budget=smoke", "+method=kd"]
+    assert run_hash(load_config(kd + ["teacher=pspnet_resnet34"])) != run_hash(load_config(kd))
