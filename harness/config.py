@@ -48,6 +48,7 @@ class ModelConfig:
     head: str = MISSING
     output_stride: int = 8
     head_channels: int = 128
+    width: float = 1.0  # channel multiplier of the backbone (CPU presets); 1.0 = the papers' models
     aux: bool = True
     aux_weight: float = 0.4
     dropout: float = 0.1
@@ -332,7 +333,15 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
     if len(d["class_names"]) != d["num_classes"]:
         raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
                           f"but num_classes = {d['num_classes']}")
+    from harness.models import BACKBONES, HEADS
+
     for section in ("student", "teacher"):
+        for part, valid in (("backbone", BACKBONES), ("head", HEADS)):
+            if cfg[section][part] not in valid:
+                raise ConfigError(f"unknown {section}.{part} '{cfg[section][part]}'. Valid choices: "
+                                  f"{', '.join(sorted(valid))}")
+        if not 0 < cfg[section]["width"] <= 1:
+            raise ConfigError(f"'{section}.width' must be in (0, 1], got {cfg[section]['width']}")
         if cfg[section]["output_stride"] not in (8, 16, 32):
             raise ConfigError(f"'{section}.output_stride' must be 8, 16 or 32, "
                               f"got {cfg[section]['output_stride']}")

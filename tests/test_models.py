@@ -245,3 +245,25 @@ def test_unknown_backbone_and_head():
     assert "unet" in str(err.value) and "pspnet" in str(err.value)
     with pytest.raises(ValueError, match="output_stride"):
         build_segmenter(cfg(output_stride=4), NUM_CLASSES)
+
+
+@pytest.mark.parametrize("backbone, full_stage4", [("resnet18", 512), ("resnet50", 2048), ("mobilenetv2", 320)])
+def test_width_multiplier_narrows_every_stage_and_keeps_output_stride(backbone, full_stage4):
+    from harness.models import build_segmenter, count_parameters
+    cfg = {"backbone": backbone, "head": "pspnet", "head_channels": 16, "aux": False}
+    full = build_segmenter(cfg, 5)
+    half = build_segmenter({**cfg, "width": 0.5}, 5).eval()
+    assert half.feature_channels["stage4"] == full_stage4 // 2
+    assert count_parameters(half) < 0.5 * count_parameters(full)
+    with torch.no_grad():
+        out = half(torch.zeros(1, 3, 64, 64))
+    assert out.logits.shape == (1, 5, 8, 8)
+    assert {k: v.shape[1] for k, v in out.features.items()} == half.feature_channels
+
+
+def test_width_out_of_range_is_an_error():
+    from harness.models import build_segmenter
+    with pytest.raises(ValueError, match="width"):
+        build_segmenter({"backbone": "resnet18", "head": "pspnet", "width": 1.5}, 5)
+    with pytest.raises(ValueError, match="width"):
+        build_segmenter({"backbone": "efficientnet_b0", "head": "pspnet", "width": 0.5}, 5)

@@ -30,7 +30,7 @@ from harness.data import build_dataset
 from harness.engine.evaluate import evaluate
 from harness.models import Segmenter, build_segmenter
 
-MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "aux", "aux_weight",
+MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "width", "aux", "aux_weight",
               "dropout", "pretrained")
 BUDGET_KEYS = ("name", "teacher_iterations", "teacher_batch_size", "crop_size", "scale_range", "flip")
 
@@ -114,7 +114,7 @@ def teacher_training_config(cfg: dict) -> dict:
                      "weight_decay": t["train"]["weight_decay"], "nesterov": False, "poly_power": 0.9,
                      "grad_clip_norm": None}
     tcfg["budget"] = {**b, "iterations": b["teacher_iterations"], "batch_size": b["teacher_batch_size"],
-                      "eval_interval": b["teacher_iterations"]}
+                      "eval_interval": max(1, b["teacher_iterations"] // 4)}
     tcfg["seed"] = t["train"]["seed"]
     tcfg["train_split"], tcfg["eval_split"] = "train", "val"
     return tcfg

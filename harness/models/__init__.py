@@ -5,7 +5,7 @@ group (a plain dict or an OmegaConf DictConfig) into a :class:`Segmenter`::
 
     {"name": "pspnet_resnet18", "backbone": "resnet18", "head": "pspnet",
      "output_stride": 8, "head_channels": 128, "aux": True, "aux_weight": 0.4,
-     "dropout": 0.1, "pretrained": None}
+     "dropout": 0.1, "pretrained": None, "width": 1.0}
 
 Only ``backbone`` and ``head`` are required.  Defaults: ``output_stride`` 8,
 ``head_channels`` the paper's width (512 for pspnet, 256 for deeplabv3),
@@ -71,7 +71,7 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
     aux_weight = float(_get(cfg, "aux_weight", 0.4))
     name = str(_get(cfg, "name", f"{head_name}_{backbone_name}"))
 
-    backbone = BACKBONES[backbone_name](output_stride)
+    backbone = BACKBONES[backbone_name](output_stride, width=float(_get(cfg, "width", 1.0)))
     pretrained = _get(cfg, "pretrained")
     if pretrained:
         load_pretrained(backbone, pretrained)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models._utils import _make_divisible
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 VALID_OUTPUT_STRIDES = (8, 16, 32)
@@ -103,6 +104,32 @@ def _dilate(modules: Iterable[nn.Module], first_dilation: int, dilation: int) ->
         raise RuntimeError(f"expected exactly one strided spatial conv in the stage, found {strided}")
 
 
+def _check_width(width: float, base: int) -> int:
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width!r}")
+    return max(8, int(round(base * width)))
+
+
+def _narrow_resnet(net: "tvm.ResNet", base: int) -> None:
+    """Rebuild a torchvision ResNet with `base` stem channels (64 = the original) from its own
+    block type and `_make_layer`, re-initialised as torchvision initialises a ResNet."""
+    block = type(net.layer1[0])
+    depths = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
+    net.inplanes = base
+    net.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(base)
+    net.layer1 = net._make_layer(block, base, depths[0])
+    net.layer2 = net._make_layer(block, 2 * base, depths[1], stride=2)
+    net.layer3 = net._make_layer(block, 4 * base, depths[2], stride=2)
+    net.layer4 = net._make_layer(block, 8 * base, depths[3], stride=2)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet (18/34/50/101), dilated.
 
@@ -110,19 +137,23 @@ class ResNetBackbone(nn.Module):
     stage3 = ``layer3``, stage4 = ``layer4``.  Channels are 64/128/256/512
     (BasicBlock) or 256/512/1024/2048 (Bottleneck).  The stem
     (``conv1, bn1, relu, maxpool``) runs before stage1; ``avgpool``/``fc`` are dropped.
+    ``width`` < 1 scales every stage's channels (a CPU preset; no ImageNet weights exist for it).
     """
 
-    def __init__(self, depth: int, output_stride: int = 8):
+    def __init__(self, depth: int, output_stride: int = 8, width: float = 1.0):
         super().__init__()
         ctor = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50, 101: tvm.resnet101}[depth]
         net = ctor(weights=None)
+        base = _check_width(width, 64)
+        if base != 64:
+            _narrow_resnet(net, base)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         (d3f, d3), (d4f, d4) = _stage_dilations(output_stride)
         _dilate(self.layer3, d3f, d3)
         _dilate(self.layer4, d4f, d4)
         e = 1 if depth < 50 else 4
-        self.channels = {"stage1": 64 * e, "stage2": 128 * e, "stage3": 256 * e, "stage4": 512 * e}
+        self.channels = {"stage1": base * e, "stage2": 2 * base * e, "stage3": 4 * base * e, "stage4": 8 * base * e}
         self.strides = _stage_strides(output_stride)
         self.output_stride = output_stride
         self.ignored_pretrained_prefixes = ("fc.",)
@@ -182,11 +213,13 @@ class MobileNetV2Backbone(_IndexedFeaturesBackbone):
 
     stage_slices = ((0, 4), (4, 7), (7, 14), (14, 18))
 
-    def __init__(self, output_stride: int = 8):
-        net = tvm.mobilenet_v2(weights=None)
+    def __init__(self, output_stride: int = 8, width: float = 1.0):
+        _check_width(width, 64)
+        net = tvm.mobilenet_v2(weights=None, width_mult=width)
+        ch = lambda c: _make_divisible(c * width, 8)  # noqa: E731 - torchvision's channel rounding
         super().__init__(
             net.features,
-            {"stage1": 24, "stage2": 32, "stage3": 96, "stage4": 320},
+            {"stage1": ch(24), "stage2": ch(32), "stage3": ch(96), "stage4": ch(320)},
             output_stride,
             ignored=("classifier.", "features.18."),
         )
@@ -209,7 +242,10 @@ class EfficientNetB0Backbone(_IndexedFeaturesBackbone):
 
     stage_slices = ((0, 3), (3, 4), (4, 6), (6, 8))
 
-    def __init__(self, output_stride: int = 8):
+    def __init__(self, output_stride: int = 8, width: float = 1.0):
+        if width != 1.0:
+            raise ValueError("efficientnet_b0 has no width multiplier here (it is a compound-scaled "
+                             "family); use width=1.0")
         net = tvm.efficientnet_b0(weights=None)
         super().__init__(
             net.features,
@@ -219,28 +255,28 @@ class EfficientNetB0Backbone(_IndexedFeaturesBackbone):
         )
 
 
-def resnet18(output_stride: int = 8) -> ResNetBackbone:
-    return ResNetBackbone(18, output_stride)
+def resnet18(output_stride: int = 8, width: float = 1.0) -> ResNetBackbone:
+    return ResNetBackbone(18, output_stride, width)
 
 
-def resnet34(output_stride: int = 8) -> ResNetBackbone:
-    return ResNetBackbone(34, output_stride)
+def resnet34(output_stride: int = 8, width: float = 1.0) -> ResNetBackbone:
+    return ResNetBackbone(34, output_stride, width)
 
 
-def resnet50(output_stride: int = 8) -> ResNetBackbone:
-    return ResNetBackbone(50, output_stride)
+def resnet50(output_stride: int = 8, width: float = 1.0) -> ResNetBackbone:
+    return ResNetBackbone(50, output_stride, width)
 
 
-def resnet101(output_stride: int = 8) -> ResNetBackbone:
-    return ResNetBackbone(101, output_stride)
+def resnet101(output_stride: int = 8, width: float = 1.0) -> ResNetBackbone:
+    return ResNetBackbone(101, output_stride, width)
 
 
-def mobilenetv2(output_stride: int = 8) -> MobileNetV2Backbone:
-    return MobileNetV2Backbone(output_stride)
+def mobilenetv2(output_stride: int = 8, width: float = 1.0) -> MobileNetV2Backbone:
+    return MobileNetV2Backbone(output_stride, width)
 
 
-def efficientnet_b0(output_stride: int = 8) -> EfficientNetB0Backbone:
-    return EfficientNetB0Backbone(output_stride)
+def efficientnet_b0(output_stride: int = 8, width: float = 1.0) -> EfficientNetB0Backbone:
+    return EfficientNetB0Backbone(output_stride, width)
 
 
 # name -> constructor(output_stride) -> backbone module

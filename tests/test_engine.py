@@ -1,0 +1,126 @@
+"""One training run end to end: records, determinism, teacher cache, failure paths."""
+import math
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.config import ConfigError, load_config
+from harness.engine.teacher import TeacherError, get_teacher, teacher_dir
+from harness.engine.train import poly_lr, run
+from harness.models import build_segmenter
+from harness.store import ResultsStore
+
+NULLABLE = {"failure_reason", "sweep_id", "stage", "trial_id", "params_json", "teacher"}
+
+
+def test_student_run_stores_a_complete_record(tiny):
+    cfg = load_config(tiny(energy=True))
+    record = run(cfg, command="pytest").record
+    stored = ResultsStore(cfg["store"]["url"]).get(record["run_id"])
+    missing = [k for k, v in stored.items() if v is None and k not in NULLABLE]
+    assert not missing, f"record fields left empty: {missing}"
+    assert stored["arm"] == "student-only" and stored["methods"] == "" and stored["status"] == "completed"
+    assert stored["iterations"] == 4 and [h["iteration"] for h in stored["history_json"]] == [2, 4]
+    assert 0 <= stored["final_miou"] <= 1 and set(stored["per_class_iou_json"]) == set(cfg["dataset"]["class_names"])
+    assert stored["energy_kwh"] > 0 and stored["co2_kg"] > 0
+    assert stored["config_json"]["optim"]["lr"] == cfg["optim"]["lr"]
+
+
+def test_same_seed_same_result_different_seed_differs(tiny):
+    def train(seed):
+        result = run(load_config(tiny(f"seed={seed}")), save_record=False)
+        return result.record, result.model.state_dict()
+
+    (a, wa), (b, wb), (c, wc) = train(0), train(0), train(1)
+    assert a["history_json"] == b["history_json"] and a["per_class_iou_json"] == b["per_class_iou_json"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["history_json"] != c["history_json"]
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_poly_schedule():
+    assert poly_lr(0.02, 0, 100, 0.9) == 0.02
+    assert poly_lr(0.02, 50, 100, 0.9) == pytest.approx(0.02 * 0.5 ** 0.9)
+    assert 0 < poly_lr(0.02, 99, 100, 0.9) < 0.02 * 0.02
+
+
+def test_distilled_run_trains_the_teacher_once_then_reuses_it(tiny, capsys):
+    cfg = load_config(tiny("+method=kd", "method.kd.tau=4", "budget.teacher_iterations=5"))
+    first = run(cfg).record
+    assert "training it first" in capsys.readouterr().err
+    ckpt = teacher_dir(cfg) / "teacher.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    second = run(cfg).record
+    assert "training it first" not in capsys.readouterr().err and ckpt.stat().st_mtime_ns == stamp
+    for rec in (first, second):
+        info = rec["extra_json"]["teacher"]
+        assert rec["arm"] == "distilled" and rec["methods"] == "kd" and rec["teacher"] == "pspnet_resnet34"
+        assert len(info["sha256"]) == 64 and 0 <= info["val_miou"] <= 1
+        assert "kd.kd" in rec["extra_json"]["last_loss_terms"]
+    teachers = ResultsStore(cfg["store"]["url"]).query(arm="teacher")
+    assert len(teachers) == 1 and teachers[0]["iterations"] == 5
+
+
+def test_teacher_is_frozen_and_in_eval_mode(tiny):
+    cfg = load_config(tiny("+method=kd", "budget.teacher_iterations=5"))
+    teacher, _ = get_teacher(cfg, torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_checkpoint_errors(tiny, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(TeacherError, match="cannot be read"):
+        get_teacher(load_config(tiny("+method=kd", f"teacher.checkpoint={corrupt}")), torch.device("cpu"))
+
+    cfg = load_config(tiny("+method=kd"))
+    wrong_classes = tmp_path / "five_classes.pt"
+    model_cfg = {k: cfg["teacher"][k] for k in ("name", "backbone", "head", "output_stride", "head_channels",
+                                                "width", "aux", "aux_weight", "dropout", "pretrained")}
+    torch.save(build_segmenter(model_cfg, 5).state_dict(), wrong_classes)
+    with pytest.raises(TeacherError, match="with 9 classes"):
+        get_teacher(load_config(tiny("+method=kd", f"teacher.checkpoint={wrong_classes}")), torch.device("cpu"))
+
+    assert main(["train", *tiny("+method=kd", f"teacher.checkpoint={tmp_path / 'absent.pt'}")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_given_checkpoint_is_used_and_measured(tiny, tmp_path):
+    cfg = load_config(tiny("+method=kd"))
+    model_cfg = {k: cfg["teacher"][k] for k in ("name", "backbone", "head", "output_stride", "head_channels",
+                                                "width", "aux", "aux_weight", "dropout", "pretrained")}
+    path = tmp_path / "teacher.pt"
+    torch.save({"state_dict": build_segmenter(model_cfg, 9).state_dict()}, path)
+    record = run(load_config(tiny("+method=kd", f"teacher.checkpoint={path}")), save_record=False).record
+    info = record["extra_json"]["teacher"]
+    assert info["source"] == "checkpoint" and info["checkpoint"] == str(path) and info["val_images"] == 8
+
+
+def test_diverging_run_is_recorded_as_failed(tiny):
+    cfg = load_config(tiny("optim.lr=1e30", "budget.iterations=6"))
+    record = run(cfg).record
+    assert record["status"] == "failed" and "loss became" in record["failure_reason"]
+    assert ResultsStore(cfg["store"]["url"]).get(record["run_id"])["status"] == "failed"
+
+
+def test_callback_sees_each_evaluation_and_can_stop_the_run(tiny):
+    seen = []
+
+    def callback(iteration, metrics):
+        seen.append((iteration, metrics["miou"]))
+        return True  # stop at the first evaluation
+
+    record = run(load_config(tiny()), callback=callback, save_record=False).record
+    assert [i for i, _ in seen] == [2] and not math.isnan(seen[0][1])
+    assert record["status"] == "stopped" and record["iterations"] == 2
+
+
+def test_cli_train_prints_miou_per_class_and_stores(tiny, capsys):
+    overrides = tiny("+method=kd", "method.kd.tau=4", "optim.lr=0.02", "seed=3", "budget.teacher_iterations=5")
+    assert main(["train", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "per-class IoU" in out and "traffic sign" in out and "[kd]" in out
+    cfg = load_config(overrides)
+    rows = ResultsStore(cfg["store"]["url"]).query(arm="distilled")
+    assert len(rows) == 1 and rows[0]["seed"] == 3 and rows[0]["config_json"]["method"]["kd"]["tau"] == 4.0
