@@ -26,7 +26,7 @@ def test_method_is_added_and_its_parameters_are_config_paths():
 
 def test_group_options_are_selectable():
     cfg = load_config(["dataset=synthetic", "student=deeplabv3_mobilenetv2", "budget=smoke"])
-    assert cfg["student"]["backbone"] == "mobilenet_v2" and cfg["budget"]["iterations"] > 0
+    assert cfg["student"]["backbone"] == "mobilenetv2" and cfg["budget"]["iterations"] > 0
 
 
 @pytest.mark.parametrize("overrides, message", [

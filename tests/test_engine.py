@@ -53,6 +53,8 @@ def test_distilled_run_trains_the_teacher_once_then_reuses_it(tiny, capsys):
     stamp = ckpt.stat().st_mtime_ns
     second = run(cfg).record
     assert "training it first" not in capsys.readouterr().err and ckpt.stat().st_mtime_ns == stamp
+    # training the teacher inside the first run must not change what the run computes
+    assert first["history_json"] == second["history_json"]
     for rec in (first, second):
         info = rec["extra_json"]["teacher"]
         assert rec["arm"] == "distilled" and rec["methods"] == "kd" and rec["teacher"] == "pspnet_resnet34"

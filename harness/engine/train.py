@@ -57,6 +57,10 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
     run_id = uuid.uuid4().hex
     arm = arm or arm_of(cfg)
     device = resolve_device(cfg["device"])
+    teacher, teacher_info = None, None
+    if cfg["method"]:  # first: training a missing teacher must not disturb this run's random state
+        from harness.engine.teacher import get_teacher  # the teacher itself is trained by run()
+        teacher, teacher_info = get_teacher(cfg, device=device)
     seed_everything(cfg["seed"], cfg["deterministic"], device)
     torch.set_num_threads(cfg["threads"])
     budget, optim_cfg = cfg["budget"], cfg["optim"]
@@ -73,10 +77,6 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
 
     # models and methods
     student = build_segmenter(cfg["student"], num_classes).to(device).train()
-    teacher, teacher_info = None, None
-    if cfg["method"]:
-        from harness.engine.teacher import get_teacher  # the teacher itself is trained by run()
-        teacher, teacher_info = get_teacher(cfg, device=device)
     methods = build_methods(cfg["method"], MethodContext(
         num_classes=num_classes, ignore_index=ignore,
         student_channels=student.feature_channels, student_strides=student.feature_strides,
@@ -93,11 +93,11 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
     iterations, eval_every = budget["iterations"], budget["eval_interval"]
     history: List[Dict[str, object]] = []
     status, failure, done, last_terms = "completed", None, 0, {}
-    bar = tqdm(total=iterations, desc=f"{arm}:{cfg['student']['name']}", unit="it", file=sys.stderr,
-               disable=not cfg["progress"], dynamic_ncols=True, mininterval=0.5)
-    train_started = time.time()
     with EnergyMeter(cfg["energy"], run_id, str(Path(cfg["paths"]["results"]) / "energy"),
                      gpu_used=device.type == "cuda") as energy:
+        bar = tqdm(total=iterations, desc=f"{arm}:{cfg['student']['name']}", unit="it", file=sys.stderr,
+                   disable=not cfg["progress"], dynamic_ncols=True, mininterval=0.5)
+        train_started = time.time()
         for k in range(iterations):
             lr = poly_lr(optim_cfg["lr"], k, iterations, optim_cfg["poly_power"])
             for group in optimizer.param_groups:
@@ -143,8 +143,8 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                 if callback is not None and callback(done, metrics):
                     status, failure = "stopped", f"stopped by the caller after iteration {done}"
                     break
-    bar.close()
-    train_time = time.time() - train_started
+        train_time = time.time() - train_started
+        bar.close()
 
     final = history[-1] if history else None
     best = max(history, key=lambda h: h["miou"] if not math.isnan(h["miou"]) else -1) if history else None
