@@ -65,10 +65,9 @@ def main() -> None:
     }
     print("\nseconds per training iteration (median of 3 x %d steps, through engine.train.run)" % args.timing_iterations)
     for name, s in timing.items():
-        print(f"  {name:<24} {s:.3f} s/it   ({s * base['budget']['iterations'] / 60:.1f} min for "
-              f"{base['budget']['iterations']} iterations)")
-    print(f"  teacher: {base['budget']['teacher_iterations']} iterations "
-          f"({'trained now in %.0f s' % teacher_setup if teacher_setup > 30 else 'found in the cache'})")
+        n = base["budget"]["teacher_iterations" if name == "teacher" else "iterations"]
+        print(f"  {name:<24} {s:.3f} s/it   ({s * n / 60:.1f} min for {n} iterations)")
+    print(f"  the teacher was {'trained now, in %.0f s' % teacher_setup if teacher_setup > 30 else 'found in the cache'}")
 
     students = []
     for seed in range(args.seeds):

@@ -6,7 +6,7 @@ import torch
 
 from harness.cli import main
 from harness.config import ConfigError, load_config
-from harness.engine.teacher import TeacherError, get_teacher, teacher_dir
+from harness.engine.teacher import MODEL_KEYS, TeacherError, get_teacher, teacher_dir
 from harness.engine.train import poly_lr, run
 from harness.models import build_segmenter
 from harness.store import ResultsStore
@@ -78,8 +78,7 @@ def test_teacher_checkpoint_errors(tiny, tmp_path, capsys):
 
     cfg = load_config(tiny("+method=kd"))
     wrong_classes = tmp_path / "five_classes.pt"
-    model_cfg = {k: cfg["teacher"][k] for k in ("name", "backbone", "head", "output_stride", "head_channels",
-                                                "width", "aux", "aux_weight", "dropout", "pretrained")}
+    model_cfg = {k: cfg["teacher"][k] for k in MODEL_KEYS}
     torch.save(build_segmenter(model_cfg, 5).state_dict(), wrong_classes)
     with pytest.raises(TeacherError, match="with 9 classes"):
         get_teacher(load_config(tiny("+method=kd", f"teacher.checkpoint={wrong_classes}")), torch.device("cpu"))
@@ -90,8 +89,7 @@ def test_teacher_checkpoint_errors(tiny, tmp_path, capsys):
 
 def test_given_checkpoint_is_used_and_measured(tiny, tmp_path):
     cfg = load_config(tiny("+method=kd"))
-    model_cfg = {k: cfg["teacher"][k] for k in ("name", "backbone", "head", "output_stride", "head_channels",
-                                                "width", "aux", "aux_weight", "dropout", "pretrained")}
+    model_cfg = {k: cfg["teacher"][k] for k in MODEL_KEYS}
     path = tmp_path / "teacher.pt"
     torch.save({"state_dict": build_segmenter(model_cfg, 9).state_dict()}, path)
     record = run(load_config(tiny("+method=kd", f"teacher.checkpoint={path}")), save_record=False).record
