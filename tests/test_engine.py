@@ -124,3 +124,16 @@ def test_cli_train_prints_miou_per_class_and_stores(tiny, capsys):
     cfg = load_config(overrides)
     rows = ResultsStore(cfg["store"]["url"]).query(arm="distilled")
     assert len(rows) == 1 and rows[0]["seed"] == 3 and rows[0]["config_json"]["method"]["kd"]["tau"] == 4.0
+
+
+def test_cli_teacher_reports_provenance(tiny, capsys):
+    assert main(["teacher", *tiny("budget.teacher_iterations=5")]) == 0
+    out = capsys.readouterr().out
+    assert "val mIoU" in out and "sha256" in out and "re-measured" in out
+
+
+def test_progress_bar_shows_iteration_loss_and_lr(tiny, capsys):
+    overrides = [o for o in tiny() if o != "progress=false"] + ["progress=true"]
+    assert main(["train", *overrides]) == 0
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=" in err and "lr=" in err
