@@ -347,10 +347,10 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
                               f"got {cfg[section]['output_stride']}")
     for name, params in cfg["method"].items():
         for key, value in params.items():
-            if key == "weight" or key.endswith("_weight") or key == "tau":
-                if isinstance(value, (int, float)) and value < 0 or key == "tau" and value == 0:
-                    raise ConfigError(f"'method.{name}.{key}' must be "
-                                      f"{'positive' if key == 'tau' else '>= 0'}, got {value}")
+            if key == "tau" and value <= 0:
+                raise ConfigError(f"'method.{name}.tau' must be positive, got {value}")
+            if (key == "weight" or key.endswith("_weight")) and value < 0:
+                raise ConfigError(f"'method.{name}.{key}' must be >= 0, got {value}")
 
 
 def _absolutise_paths(cfg: Dict[str, Any]) -> None:
