@@ -48,6 +48,18 @@ def cmd_teacher(overrides: List[str]) -> int:
     return 0
 
 
+def cmd_sweep(overrides: List[str]) -> int:
+    cfg = load_config(overrides)
+    from harness.sweep.runner import SweepError, run_sweep
+
+    try:
+        run_sweep(cfg, command=_command_line())
+    except SweepError as e:
+        print(f"sweep stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(overrides: List[str]) -> int:
     import yaml
 
@@ -58,6 +70,8 @@ def cmd_config(overrides: List[str]) -> int:
 
 
 COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
+    "sweep": (cmd_sweep, "the fair tuning protocol (sweeps/<protocol>.yaml) for the student-only and the "
+                         "distilled arm on Ray Tune + Optuna; resumes where a killed sweep stopped"),
     "train": (cmd_train, "one training run on the configured data (student-only, or distilled with "
                          "+method=NAME); prints mIoU and stores a record"),
     "teacher": (cmd_teacher, "train the configured teacher, or find it in the cache; prints its val mIoU"),

@@ -94,6 +94,8 @@ class BudgetConfig:
     max_eval_images: Optional[int] = None  # evaluate on the first N images of the split (smoke tests)
     teacher_iterations: int = MISSING
     teacher_batch_size: int = MISSING
+    sweep_max_trials: Optional[int] = None   # caps every search stage's trials (smoke sweeps)
+    sweep_rerun_seeds: Optional[int] = None  # caps the number of rerun seeds (smoke sweeps)
 
 
 @dataclass
@@ -130,6 +132,23 @@ class EnergyConfig:
 
 
 @dataclass
+class RayConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class SweepConfig:
+    protocol: str = "default"
+    max_concurrent_trials: int = 2
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    max_failures: int = 1
+    collapse_fraction: float = 0.5
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class TopConfig:
     seed: int = 0
     train_split: str = "train"
@@ -142,6 +161,7 @@ class TopConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig}

@@ -40,8 +40,9 @@ from harness.methods import Batch, MethodContext, Progress, build_methods
 from harness.models import build_segmenter
 from harness.store import ResultsStore
 
-# callback(iteration, metrics) -> True to stop the run early (the sweep's schedulers use it)
-EvalCallback = Callable[[int, Dict[str, object]], Optional[bool]]
+# callback(iteration, metrics) -> None to go on, True to stop the run early ("stopped"), or a
+# string to end it as "failed" with that reason (the sweep's collapse rule)
+EvalCallback = Callable[[int, Dict[str, object]], Optional[object]]
 
 
 @dataclass
@@ -52,9 +53,12 @@ class RunResult:
 
 
 def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None,
-        arm: Optional[str] = None, save_record: bool = True, extra: Optional[dict] = None) -> RunResult:
+        arm: Optional[str] = None, save_record: bool = True, extra: Optional[dict] = None,
+        fields: Optional[dict] = None) -> RunResult:
+    """Train and evaluate `cfg`; `fields` are record columns set by the caller (sweep, stage,
+    trial, params, run_id)."""
     started = time.time()
-    run_id = uuid.uuid4().hex
+    run_id = (fields or {}).get("run_id") or uuid.uuid4().hex
     arm = arm or arm_of(cfg)
     device = resolve_device(cfg["device"])
     teacher, teacher_info = None, None
@@ -140,7 +144,11 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                 history.append({"iteration": done, "miou": metrics["miou"], "loss": float(loss.detach()),
                                 "pixel_accuracy": metrics["pixel_accuracy"],
                                 "per_class_iou": metrics["per_class_iou"]})
-                if callback is not None and callback(done, metrics):
+                decision = callback(done, metrics) if callback is not None else None
+                if isinstance(decision, str):
+                    status, failure = "failed", decision
+                    break
+                if decision:
                     status, failure = "stopped", f"stopped by the caller after iteration {done}"
                     break
         train_time = time.time() - train_started
@@ -165,6 +173,7 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
         "versions_json": provenance.versions(), "host": provenance.host(),
         "extra_json": {"teacher": teacher_info, "device": str(device), "last_loss_terms": last_terms,
                        **(extra or {})},
+        **{k: v for k, v in (fields or {}).items() if k != "run_id"},
     }
     if save_record:
         ResultsStore(cfg["store"]["url"]).append(record)

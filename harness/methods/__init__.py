@@ -4,9 +4,12 @@ from __future__ import annotations
 from typing import Dict, List
 
 from harness.methods.base import Batch, Method, MethodContext, Progress
+from harness.methods.cwd import ChannelWiseKD
+from harness.methods.dist import DIST
+from harness.methods.gskd import GSKD
 from harness.methods.kd import PixelKD
 
-METHODS: Dict[str, type] = {m.name: m for m in (PixelKD,)}
+METHODS: Dict[str, type] = {m.name: m for m in (PixelKD, ChannelWiseKD, DIST, GSKD)}
 
 
 def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Method]:

@@ -1,0 +1,167 @@
+"""The fair tuning protocol end to end on Ray Tune: stages, reuse, resume after SIGKILL, failures,
+bad input. Sweeps run on tiny data so that each takes seconds of training."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.config import PROJECT_ROOT, ConfigError, load_config
+from harness.store import ResultsStore
+from harness.sweep.protocol import expand_space, load_protocol, parse_protocol
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One local Ray for the in-process sweeps of this module (start-up costs seconds)."""
+    import ray
+
+    from harness.sweep.ray_runtime import start_local
+
+    start_local(2, str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def protocol_file(tmp_path, stages, name="p"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "sampler_seed": 0, "stages": stages}))
+    return str(path)
+
+
+def rows(overrides, **equals):
+    return ResultsStore(load_config(overrides)["store"]["url"]).query(**equals)
+
+
+# ------------------------------------------------------------------------------ protocol only
+def test_default_protocol_expands_for_each_method():
+    protocol = load_protocol("default")
+    assert [s.name for s in protocol.stages] == ["lr_wd", "temperature", "weights", "together", "reruns"]
+    cfg = load_config(["+method=[kd,cwd]"])
+    temperature = next(s for s in protocol.stages if s.name == "temperature")
+    assert set(expand_space(temperature.space, cfg)) == {"method.kd.tau", "method.cwd.tau", "method.cwd.feature_tau"}
+    weights = next(s for s in protocol.stages if s.name == "weights")
+    space = expand_space(weights.space, cfg)
+    assert space["method.kd.weight"] == {"grid": [0.1, 1.0, 10.0]}
+    assert "method.cwd.feature_weight" not in space  # a term switched off (default 0) is not searched
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "arms": ["student-only"], "search": "tpe", "trials": 2, "space": {}}], "empty search space"),
+    ([{"name": "a", "arms": ["distilled"], "search": "grid", "space": {"optim.lr": {"grid": []}}}], "empty search space"),
+    ([{"name": "a", "arms": ["distilled"], "inherits": ["nope"], "search": "grid",
+       "space": {"optim.lr": {"grid": [0.1]}}}], "inherits from 'nope', which is not an earlier stage"),
+    ([{"name": "a", "arms": ["teachers"], "seeds": 2}], "arms must be a non-empty subset"),
+    ([{"name": "a", "arms": ["distilled"], "search": "tpe", "trials": 2,
+       "space": {"optim.lr": {"grid": [0.1]}}}], "does not fit search 'tpe'"),
+    ([{"name": "a", "arms": ["distilled"], "serach": "tpe"}], "Did you mean 'search'"),
+])
+def test_bad_protocols_are_config_errors(tmp_path, stages, message):
+    with pytest.raises(ConfigError) as info:
+        load_protocol(protocol_file(tmp_path, stages))
+    assert message in str(info.value)
+
+
+def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, tiny, capsys):
+    cases = [
+        (["sweep.protocol=nosuch"], "unknown sweep protocol 'nosuch'"),
+        ([f"sweep.protocol={protocol_file(tmp_path, [{'name': 'a', 'arms': ['distilled'], 'search': 'tpe', 'trials': 1, 'space': {}}])}"],
+         "empty search space"),
+        ([f"sweep.protocol={protocol_file(tmp_path, [{'name': 'a', 'arms': ['distilled'], 'search': 'grid', 'space': {'optim.lrr': {'grid': [1]}}}], 'q')}"],
+         "'optim.lrr' is not a config path"),
+        (["sweep.ray.address=127.0.0.1:1"], "no Ray cluster reachable"),
+    ]
+    for extra, message in cases:
+        assert main(["sweep", "+method=kd", *tiny(*extra)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "results").exists(), "a refused sweep must not write anything"
+    assert main(["sweep", *tiny()]) == 2
+    assert "add +method=NAME" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ real sweeps
+def test_smoke_sweep_runs_every_stage_and_reuses_the_student_arm(ray_local, tiny, capsys):
+    overrides = tiny("+method=kd")
+    assert main(["sweep", *overrides]) == 0
+    out = capsys.readouterr().out
+    db = rows(overrides)
+    stages = {(r["arm"], r["stage"]) for r in db if r["stage"]}
+    assert {("student-only", "lr_wd"), ("distilled", "lr_wd"), ("distilled", "temperature"),
+            ("distilled", "weights[method.kd.weight]"), ("student-only", "reruns"), ("distilled", "reruns")} <= stages
+    reruns = [r for r in db if r["stage"] == "reruns"]
+    assert all(r["split"] == "val" and r["status"] == "completed" for r in reruns)
+    assert all(r["split"] == "tune" for r in db if r["stage"] and r["stage"] != "reruns")
+    assert len({r["run_id"] for r in db}) == len(db)
+    assert "lift of the distilled arm over the tuned student-only arm" in out and "== stage lr_wd" in out
+    # the distilled reruns carry every winner forward (lineage of the protocol)
+    d = next(r for r in reruns if r["arm"] == "distilled")
+    assert {"optim.lr", "optim.weight_decay", "method.kd.tau", "method.kd.weight", "seed"} <= set(d["params_json"])
+    # a second method sweep reuses the student-only arm instead of re-tuning it
+    before = len([r for r in db if r["arm"] == "student-only"])
+    assert main(["sweep", *tiny("+method=cwd")]) == 0
+    out = capsys.readouterr().out
+    assert "student-only: 2/2 trials already in the database" in out and "reused" in out
+    assert len(rows(overrides, arm="student-only")) == before
+
+
+def test_failed_trials_never_win_and_crashes_are_retried_once(ray_local, tiny, tmp_path, capsys):
+    protocol = protocol_file(tmp_path, [
+        {"name": "lr", "arms": ["student-only", "distilled"], "search": "grid",
+         "space": {"optim.lr": {"grid": [0.01, 1.0e30]}}},
+        {"name": "batch", "arms": ["student-only"], "inherits": ["lr"], "search": "grid",
+         "space": {"budget.batch_size": {"grid": [4, 100000]}}},
+        {"name": "reruns", "arms": ["student-only", "distilled"], "inherits": ["lr", "batch"], "seeds": 1},
+    ])
+    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "budget.iterations=6")
+    assert main(["sweep", *overrides]) == 0
+    db = rows(overrides)
+    diverged = [r for r in db if r["stage"] == "lr" and r["params_json"]["optim.lr"] > 1]
+    assert len(diverged) == 2 and all(r["status"] == "failed" and "loss became" in r["failure_reason"] for r in diverged)
+    crashed = [r for r in db if r["stage"] == "batch" and r["params_json"]["budget.batch_size"] == 100000]
+    assert len(crashed) == 1 and crashed[0]["status"] == "failed" and "crashed 2 time(s)" in crashed[0]["failure_reason"]
+    for r in (r for r in db if r["stage"] == "reruns"):
+        assert r["params_json"]["optim.lr"] == 0.01 and r["params_json"].get("budget.batch_size", 4) == 4
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(tiny, tmp_path):
+    """SIGKILL the driver in the middle of a stage, run the same command again."""
+    protocol = protocol_file(tmp_path, [
+        {"name": "lr", "arms": ["student-only", "distilled"], "search": "grid",
+         "space": {"optim.lr": {"grid": [0.005, 0.01, 0.02, 0.04]}}},
+        {"name": "reruns", "arms": ["student-only", "distilled"], "inherits": ["lr"], "seeds": 1},
+    ])
+    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "budget.iterations=8", "budget.eval_interval=4",
+                     "sweep.ray.num_cpus=2")
+    command = [sys.executable, "-m", "harness", "sweep", *overrides]
+    driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = load_config(overrides)["store"]["url"]
+    deadline = time.time() + 240
+    finished_before = []
+    while time.time() < deadline:
+        time.sleep(1)
+        if Path(url.replace("sqlite:///", "")).exists():
+            finished_before = ResultsStore(url).query(stage="lr")
+            if len(finished_before) >= 2:
+                break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert 2 <= len(finished_before) < 8, "the kill must land in the middle of the first stage"
+    kept = {r["run_id"] for r in ResultsStore(url).query(stage="lr")}
+
+    resumed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "already in the database" in resumed.stdout
+    lr_rows = ResultsStore(url).query(stage="lr")
+    assert kept <= {r["run_id"] for r in lr_rows}                  # nothing finished was lost
+    per_point = {(r["arm"], r["params_json"]["optim.lr"]) for r in lr_rows}
+    assert len(per_point) == len(lr_rows) == 8                     # every point once: none re-run, none lost
+    assert len(ResultsStore(url).query(stage="reruns")) == 2
