@@ -46,7 +46,9 @@ def test_default_protocol_expands_for_each_method():
     assert [s.name for s in protocol.stages] == ["lr_wd", "temperature", "weights", "together", "reruns"]
     cfg = load_config(["+method=[kd,cwd]"])
     temperature = next(s for s in protocol.stages if s.name == "temperature")
-    assert set(expand_space(temperature.space, cfg)) == {"method.kd.tau", "method.cwd.tau", "method.cwd.feature_tau"}
+    assert set(expand_space(temperature.space, cfg)) == {"method.kd.tau", "method.cwd.tau"}
+    with_feature = load_config(["+method=[kd,cwd]", "method.cwd.feature_weight=50"])
+    assert "method.cwd.feature_tau" in expand_space(temperature.space, with_feature)
     weights = next(s for s in protocol.stages if s.name == "weights")
     space = expand_space(weights.space, cfg)
     assert space["method.kd.weight"] == {"grid": [0.1, 1.0, 10.0]}
@@ -138,7 +140,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tiny, tmp_path):
          "space": {"optim.lr": {"grid": [0.005, 0.01, 0.02, 0.04]}}},
         {"name": "reruns", "arms": ["student-only", "distilled"], "inherits": ["lr"], "seeds": 1},
     ])
-    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "budget.iterations=8", "budget.eval_interval=4",
+    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "budget.iterations=8", "budget.eval_interval=4", "budget.sweep_max_trials=null",
                      "sweep.ray.num_cpus=2")
     command = [sys.executable, "-m", "harness", "sweep", *overrides]
     driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

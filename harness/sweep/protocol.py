@@ -167,8 +167,10 @@ def method_paths(cfg: Dict[str, Any], kind: str) -> Dict[str, float]:
     out = {}
     for method, params in sorted((cfg.get("method") or {}).items()):
         for key, value in params.items():
-            is_tau = key == "tau" or key.startswith("tau_")
+            is_tau = key == "tau" or key.startswith("tau_") or key.endswith("_tau")
             is_weight = key == "weight" or key.endswith("_weight")
+            if is_tau and key.endswith("_tau") and params.get(key[:-3] + "weight") == 0:
+                continue  # the temperature of a switched-off term (e.g. cwd feature_tau, feature_weight 0)
             if (kind == "$temperatures" and is_tau) or (kind == "$weights" and is_weight):
                 out[f"method.{method}.{key}"] = float(value)
     return out
