@@ -63,6 +63,7 @@ def start_local(num_cpus: Optional[int], results_dir: str, num_gpus: Optional[fl
     try:
         kwargs = {"num_gpus": num_gpus} if num_gpus is not None else {}
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp,
+                 _node_ip_address="127.0.0.1",  # loopback only
                  log_to_driver=os.environ.get("HARNESS_RAY_LOGS") == "1", configure_logging=False, **kwargs)
     finally:
         if saved is None:

@@ -97,7 +97,8 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
     from harness.engine.teacher import get_teacher
     from harness.engine.train import resolve_device
 
-    get_teacher(cfg, resolve_device(cfg["device"]), command=command)  # trained once, before any trial
+    if any("distilled" in s.arms for s in protocol.stages):  # trained once, before any trial
+        get_teacher(cfg, resolve_device(cfg["device"]), command=command)
 
     winners: Dict[Tuple[str, str], Winner] = {}
     started = time.time()
