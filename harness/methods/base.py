@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.models import SegOutput
@@ -74,3 +75,16 @@ class Method(nn.Module):
                    progress: Progress) -> Dict[str, float]:
         """Called after the student's step, for methods with their own optimiser; returns logs."""
         return {}
+
+
+def resized_like(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """The teacher's map at the student's spatial size (bilinear); unchanged when they agree.
+    The reference code requires equal sizes; heterogeneous pairs are adapted instead of refused."""
+    if teacher.shape[-2:] == student.shape[-2:]:
+        return teacher
+    return F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> (B*h*w) x C: one row per pixel."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.methods.base import Method
+from harness.methods.base import Method, resized_like
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -69,8 +69,7 @@ def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,
     `num_channels` replaces C in the divisor (CIRKD's reference divisor uses the student's channel
     count before its projector); None = C. The teacher is resized to the student's h x w if needed.
     """
-    if teacher.shape[-2:] != student.shape[-2:]:
-        teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+    teacher = resized_like(teacher, student)
     if teacher.shape[:2] != student.shape[:2]:
         raise ValueError(f"CWD needs matching N x C, got student {tuple(student.shape)} "
                          f"and teacher {tuple(teacher.shape)}")

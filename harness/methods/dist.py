@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.methods.base import Method
+from harness.methods.base import Method, pixel_rows, resized_like
 
 EPS = 1e-8
 
@@ -56,12 +56,9 @@ def pearson_rows(x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Te
 
 def _class_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float):
     """P x K softmax(Z / tau) for student and teacher (teacher resized to the student's size)."""
-    if teacher_logits.shape[-2:] != student_logits.shape[-2:]:
-        teacher_logits = F.interpolate(teacher_logits, size=student_logits.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-    k = student_logits.shape[1]
-    y_s = torch.softmax(student_logits.permute(0, 2, 3, 1).reshape(-1, k) / tau, dim=1)
-    y_t = torch.softmax(teacher_logits.permute(0, 2, 3, 1).reshape(-1, k) / tau, dim=1)
+    teacher_logits = resized_like(teacher_logits, student_logits)
+    y_s = torch.softmax(pixel_rows(student_logits) / tau, dim=1)
+    y_t = torch.softmax(pixel_rows(teacher_logits) / tau, dim=1)
     return y_s, y_t
 
 

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.methods.base import Method
+from harness.methods.base import Method, resized_like
 
 # mode -> (N samples per class, S columns per descriptor; S < 0 means |S| x classes in the image)
 PRESETS: Dict[str, Tuple[int, int]] = {"standalone": (16, 8), "plugin": (8, -1)}
@@ -242,8 +242,7 @@ class GSKD(Method):
         if self.projector is not None:
             s_feat = self.projector(s_feat)
         grid = tuple(s_feat.shape[-2:])
-        if tuple(t_feat.shape[-2:]) != grid:
-            t_feat = F.interpolate(t_feat, size=grid, mode="bilinear", align_corners=False)
+        t_feat = resized_like(t_feat, s_feat)
         labels = teacher_correct_labels(teacher.logits.detach(), batch.mask, self.ctx.ignore_index, grid)
         labels = labels.cpu()
         c = self.cfg

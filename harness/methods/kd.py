@@ -24,17 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.methods.base import Method
+from harness.methods.base import Method, pixel_rows, resized_like
 
 
 def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """tau^2 * mean over pixels of KL(softmax(t/tau) || softmax(s/tau)); inputs B x K x h x w."""
-    if teacher_logits.shape[-2:] != student_logits.shape[-2:]:
-        teacher_logits = F.interpolate(teacher_logits, size=student_logits.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-    k = student_logits.shape[1]
-    log_p_s = F.log_softmax(student_logits.permute(0, 2, 3, 1).reshape(-1, k) / tau, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.permute(0, 2, 3, 1).reshape(-1, k) / tau, dim=1)
+    teacher_logits = resized_like(teacher_logits, student_logits)
+    log_p_s = F.log_softmax(pixel_rows(student_logits) / tau, dim=1)
+    log_p_t = F.log_softmax(pixel_rows(teacher_logits) / tau, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * tau ** 2
 
