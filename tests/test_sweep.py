@@ -96,7 +96,7 @@ def test_smoke_sweep_runs_every_stage_and_reuses_the_student_arm(ray_local, tiny
     out = capsys.readouterr().out
     db = rows(overrides)
     stages = {(r["arm"], r["stage"]) for r in db if r["stage"]}
-    assert {("student-only", "lr_wd"), ("distilled", "lr_wd"), ("distilled", "temperature"),
+    assert {("student-only", "lr_wd"), ("distilled", "lr_wd"), ("distilled", "temperature[method.kd.tau]"),
             ("distilled", "weights[method.kd.weight]"), ("student-only", "reruns"), ("distilled", "reruns")} <= stages
     reruns = [r for r in db if r["stage"] == "reruns"]
     assert all(r["split"] == "val" and r["status"] == "completed" for r in reruns)
