@@ -40,7 +40,7 @@ def test_group_options_are_selectable():
     (["optim.lr=-1"], "'optim.lr' must be positive"),
     (["eval_split=test"], "'eval_split' must be one of train, tune, val"),
     (["device=tpu"], "'device' must be one of auto, cpu, cuda"),
-    (["+method=nosuch"], "unknown method 'nosuch'. Valid choices for method: cwd, dist, gskd, kd"),
+    (["+method=nosuch"], "unknown method 'nosuch'. Valid choices for method: " + ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "conf" / "method").glob("*.yaml")))),
     (["method=kd"], "write '+method=kd'"),
     (["method.kd.tau=4"], "add +method=kd"),
     (["+method=kd", "method.kd.tau=0"], "'method.kd.tau' must be positive"),

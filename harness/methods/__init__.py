@@ -9,7 +9,14 @@ from harness.methods.dist import DIST
 from harness.methods.gskd import GSKD
 from harness.methods.kd import PixelKD
 
-METHODS: Dict[str, type] = {m.name: m for m in (PixelKD, ChannelWiseKD, DIST, GSKD)}
+# One line per method; keep the list sorted by file name.
+_ALL = (
+    ChannelWiseKD,
+    DIST,
+    GSKD,
+    PixelKD,
+)
+METHODS: Dict[str, type] = {m.name: m for m in _ALL}
 
 
 def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Method]:
