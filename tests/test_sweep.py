@@ -167,3 +167,112 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tiny, tmp_path):
     per_point = {(r["arm"], r["params_json"]["optim.lr"]) for r in lr_rows}
     assert len(per_point) == len(lr_rows) == 8                     # every point once: none re-run, none lost
     assert len(ResultsStore(url).query(stage="reruns")) == 2
+
+
+def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeypatch):
+    """The trial function itself (outside Ray): tune-mIoU 0.30 -> 0.40 -> 0.05 collapses at the third
+    evaluation (below collapse_fraction=0.5 of the best so far); the run stops there, its row says
+    why, and Tune is told 0 so that the trial can never win."""
+    import harness.engine.train as train_module
+    from ray import tune
+
+    from harness.sweep.trial import trainable
+
+    script = iter([0.30, 0.40, 0.05, 0.50])
+    real_evaluate = train_module.evaluate
+
+    def scripted(*args, **kwargs):
+        metrics = real_evaluate(*args, **kwargs)
+        return {**metrics, "miou": next(script)}
+
+    reports = []
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
+    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_id": lambda self: "t0"})())
+    overrides = tiny("budget.iterations=8", "budget.eval_interval=2")
+    cfg = load_config(overrides)
+    spec = {"base": cfg, "fixed": {}, "arm_id": "arm", "stage": "lr", "split": "tune", "threads": 1,
+            "collapse_fraction": 0.5, "command": "test"}
+    trainable({"optim.lr": 0.01}, spec)
+
+    assert [r["miou"] for r in reports] == [0.30, 0.40, 0.0]           # no 4th evaluation
+    assert reports[-1]["failed"].startswith("tune mIoU collapsed from 0.4000 to 0.0500 at iteration 6")
+    row = rows(overrides, run_id="arm:lr:t0")[0]
+    assert row["status"] == "failed" and row["failure_reason"] == reports[-1]["failed"]
+    assert row["iterations"] == 6 and row["params_json"] == {"optim.lr": 0.01}
+
+
+def test_collapse_rule_ignores_noise_below_five_percent(tiny, monkeypatch):
+    """A trial that never got above 5% mIoU is not 'collapsing' when it drops further."""
+    import harness.engine.train as train_module
+    from ray import tune
+
+    from harness.sweep.trial import trainable
+
+    script = iter([0.04, 0.01, 0.02, 0.03])
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {**real_evaluate(*a, **k), "miou": next(script)})
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
+    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_id": lambda self: "t1"})())
+    overrides = tiny("budget.iterations=8", "budget.eval_interval=2")
+    spec = {"base": load_config(overrides), "fixed": {}, "arm_id": "arm", "stage": "lr", "split": "tune",
+            "threads": 1, "collapse_fraction": 0.5, "command": "test"}
+    trainable({}, spec)
+    assert [r["miou"] for r in reports] == [0.04, 0.01, 0.02, 0.03]
+    assert rows(overrides, run_id="arm:lr:t1")[0]["status"] == "completed"
+
+
+def _ray_processes(temp_dir_prefix):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir_prefix in part for part in proc.info["cmdline"] or []):
+                found.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_ctrl_c_stops_the_sweep_and_shuts_ray_down(tiny, tmp_path):
+    """SIGINT to the driver's process group (what Ctrl-C in a terminal sends) while trials run: the
+    sweep stops (no later stage starts), exits 130, and leaves no Ray process behind."""
+    import hashlib
+
+    protocol = protocol_file(tmp_path, [
+        {"name": "lr", "arms": ["student-only"], "search": "grid",
+         "space": {"optim.lr": {"grid": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]}}},
+        {"name": "reruns", "arms": ["student-only"], "inherits": ["lr"], "seeds": 1},
+    ])
+    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "budget.iterations=30", "budget.eval_interval=10",
+                     "budget.sweep_max_trials=null", "sweep.ray.num_cpus=2")
+    cfg = load_config(overrides)
+    temp = f"/tmp/hray-{hashlib.sha1(str(cfg['paths']['results']).encode()).hexdigest()[:8]}"
+    driver = subprocess.Popen([sys.executable, "-m", "harness", "sweep", *overrides], cwd=PROJECT_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    db = Path(cfg["store"]["url"].replace("sqlite:///", ""))
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        if db.exists() and ResultsStore(cfg["store"]["url"]).count(stage="lr") >= 1:
+            break
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    assert _ray_processes(temp), "Ray should be running while trials run"
+    os.killpg(driver.pid, signal.SIGINT)
+    try:
+        out, err = driver.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise AssertionError("the sweep did not stop within 90 s of Ctrl-C")
+    assert driver.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert ResultsStore(cfg["store"]["url"]).count(stage="reruns") == 0   # no later stage started
+    interrupted = [r for r in ResultsStore(cfg["store"]["url"]).query() if r["status"] != "completed"]
+    assert interrupted == [], "an interrupted trial must not be stored as failed (resume re-runs it)"
+    for _ in range(20):                                                    # raylet may take a moment
+        if not _ray_processes(temp):
+            break
+        time.sleep(0.5)
+    assert _ray_processes(temp) == []

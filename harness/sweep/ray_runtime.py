@@ -23,6 +23,9 @@ RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Ctrl-C must stop the whole sweep: Tune's own SIGINT handler would end only the current stage's
+    # Tuner.fit() (returning normally), and the driver would go on with the next stage.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
     "CODECARBON_LOG_LEVEL": "error",
 }
 
