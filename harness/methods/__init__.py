@@ -7,6 +7,7 @@ from harness.methods.base import Batch, Method, MethodContext, Progress
 from harness.methods.cwd import ChannelWiseKD
 from harness.methods.dist import DIST
 from harness.methods.gskd import GSKD
+from harness.methods.ifvd import IFVD
 from harness.methods.kd import PixelKD
 
 # One line per method; keep the list sorted by file name.
@@ -14,6 +15,7 @@ _ALL = (
     ChannelWiseKD,
     DIST,
     GSKD,
+    IFVD,
     PixelKD,
 )
 METHODS: Dict[str, type] = {m.name: m for m in _ALL}
