@@ -31,9 +31,10 @@ CONF_DIR = PROJECT_ROOT / "conf"
 GROUPS = ("dataset", "student", "teacher", "method", "optim", "budget")
 SPLITS = ("train", "tune", "val")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 # The keys that define what a run computes; everything else (paths, device, logging) does not.
 RUN_DEFINING_KEYS = ("dataset", "student", "teacher", "method", "optim", "budget", "seed",
-                     "train_split", "eval_split")
+                     "train_split", "eval_split", "precision")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,49 @@ class SyntheticDatasetConfig:
 
 
 @dataclass
+class FolderDatasetConfig:
+    """Datasets read from disk (harness/data/folder.py); each yaml comments every key."""
+    name: str = MISSING
+    root: Optional[str] = None  # the user's copy; required, never downloaded
+    num_classes: int = MISSING
+    ignore_index: int = 255
+    class_names: List[str] = MISSING
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    crop_size: List[int] = MISSING  # the papers' training crop (budget.crop_size is what a run uses)
+    eval_size: Optional[List[int]] = None
+    eval_mode: str = "whole"  # whole | pad | resize
+    tune_fraction: float = 0.1
+    tune_size: Optional[int] = None  # a count; overrides tune_fraction
+    tune_seed: int = 0
+
+
+@dataclass
+class CityscapesDatasetConfig(FolderDatasetConfig):
+    name: str = "cityscapes"
+
+
+@dataclass
+class VOCDatasetConfig(FolderDatasetConfig):
+    name: str = "voc"
+    train_aug: str = "none"  # none | SegmentationClassAug | sbd
+    aug_list: str = "ImageSets/Segmentation/train_aug.txt"
+    sbd_root: Optional[str] = None
+
+
+@dataclass
+class ADE20KDatasetConfig(FolderDatasetConfig):
+    name: str = "ade20k"
+
+
+@dataclass
+class CamVidDatasetConfig(FolderDatasetConfig):
+    name: str = "camvid"
+    train_folders: List[str] = field(default_factory=lambda: ["train"])
+    val_folder: str = "val"
+
+
+@dataclass
 class PathsConfig:
     results: str = "results"
     reports: str = "reports"
@@ -154,6 +198,9 @@ class TopConfig:
     train_split: str = "train"
     eval_split: str = "val"
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
     threads: int = 2
     num_workers: int = 0
     deterministic: bool = True
@@ -164,7 +211,9 @@ class TopConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig}
+DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig, "cityscapes": CityscapesDatasetConfig,
+                                    "voc": VOCDatasetConfig, "ade20k": ADE20KDatasetConfig,
+                                    "camvid": CamVidDatasetConfig}
 SECTION_SCHEMAS: Dict[str, type] = {"student": ModelConfig, "teacher": TeacherConfig,
                                     "optim": OptimConfig, "budget": BudgetConfig}
 
@@ -349,20 +398,27 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"'{split_key}' must be one of {', '.join(SPLITS)}, got '{cfg[split_key]}'")
     if cfg["device"] not in DEVICES:
         raise ConfigError(f"'device' must be one of {', '.join(DEVICES)}, got '{cfg['device']}'")
+    if cfg["precision"] not in PRECISIONS:
+        raise ConfigError(f"'precision' must be one of {', '.join(PRECISIONS)}, got '{cfg['precision']}' "
+                          f"(fp16 is not offered: it needs loss scaling, bf16 does not)")
     positive("threads", cfg["threads"])
     if len(d["class_names"]) != d["num_classes"]:
         raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
                           f"but num_classes = {d['num_classes']}")
-    from harness.models import BACKBONES, HEADS
+    from harness.models import MODEL_BACKBONES, MODEL_HEADS, check_model_config
 
     for section in ("student", "teacher"):
-        for part, valid in (("backbone", BACKBONES), ("head", HEADS)):
+        for part, valid in (("backbone", MODEL_BACKBONES), ("head", MODEL_HEADS)):
             if cfg[section][part] not in valid:
                 raise ConfigError(f"unknown {section}.{part} '{cfg[section][part]}'. Valid choices: "
                                   f"{', '.join(sorted(valid))}")
+        try:
+            check_model_config(cfg[section])
+        except ValueError as e:
+            raise ConfigError(f"{section} '{cfg[section]['name']}': {e}") from None
         if not 0 < cfg[section]["width"] <= 1:
             raise ConfigError(f"'{section}.width' must be in (0, 1], got {cfg[section]['width']}")
-        if cfg[section]["output_stride"] not in (8, 16, 32):
+        if cfg[section]["output_stride"] not in (8, 16, 32) and cfg[section]["head"] != "segformer":
             raise ConfigError(f"'{section}.output_stride' must be 8, 16 or 32, "
                               f"got {cfg[section]['output_stride']}")
     for name, params in cfg["method"].items():
@@ -377,6 +433,9 @@ def _absolutise_paths(cfg: Dict[str, Any]) -> None:
     """Relative paths are relative to where the command was started; trials must not care."""
     for key, value in cfg["paths"].items():
         cfg["paths"][key] = str(Path(value).expanduser().resolve())
+    for key in ("root", "sbd_root"):  # trials may run in another working directory
+        if cfg["dataset"].get(key):
+            cfg["dataset"][key] = str(Path(cfg["dataset"][key]).expanduser().resolve())
     for section in ("student", "teacher"):
         for key in ("pretrained", "checkpoint"):
             if cfg[section].get(key):

@@ -137,3 +137,28 @@ def test_progress_bar_shows_iteration_loss_and_lr(tiny, capsys):
     assert main(["train", *overrides]) == 0
     err = capsys.readouterr().err
     assert "4/4" in err and "loss=" in err and "lr=" in err
+
+
+def test_precision_choice_and_autocast_up_to_the_device_boundary(tiny):
+    """bf16 autocast runs (on CPU here, the same code path as CUDA up to the device), the losses stay
+    float32, the record says which precision ran; `auto` is float32 on a CPU."""
+    from harness.engine.train import as_float32, autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    fp32 = run(load_config(tiny("+method=kd")), save_record=False).record
+    bf16 = run(load_config(tiny("+method=kd", "precision=bf16", "channels_last=true")), save_record=False).record
+    assert fp32["extra_json"]["precision"] == "float32" and bf16["extra_json"]["precision"] == "bfloat16"
+    assert bf16["status"] == "completed" and all(math.isfinite(v) for v in bf16["extra_json"]["last_loss_terms"].values())
+    assert bf16["config_hash"] != fp32["config_hash"]          # precision defines the run
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build_segmenter(load_config(tiny())["student"], 3)(torch.randn(2, 3, 17, 19))
+    assert out.logits.dtype == torch.bfloat16
+    cast = as_float32(out)
+    assert cast.logits.dtype == torch.float32 and all(f.dtype == torch.float32 for f in cast.features.values())
+
+
+def test_fp16_is_refused_with_the_reason(tiny):
+    with pytest.raises(ConfigError, match="must be one of auto, fp32, bf16.*loss scaling"):
+        load_config(tiny("precision=fp16"))

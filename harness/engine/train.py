@@ -12,6 +12,13 @@ evaluation (and to stop the run early). The loop:
         every eval_interval iterations and at the end: evaluate on eval_split -> callback
 
 A non-finite loss ends the run as `failed` with the reason; the record is still written.
+
+On a GPU: `precision` (bf16 autocast around the student's and the teacher's forward passes; the
+losses are computed in float32 from float32 copies of the outputs, so no loss scaling is needed),
+`channels_last`, `cudnn_benchmark` (only when `deterministic` is off), pinned memory and
+`num_workers` DataLoader processes. The teacher runs in eval mode under `torch.no_grad()`, not
+`inference_mode()`: its outputs enter terms whose backward saves them (KL, affinities), which
+inference tensors may not be.
 """
 from __future__ import annotations
 
@@ -67,6 +74,12 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
         teacher, teacher_info = get_teacher(cfg, device=device)
     seed_everything(cfg["seed"], cfg["deterministic"], device)
     torch.set_num_threads(cfg["threads"])
+    amp_dtype = autocast_dtype(cfg["precision"], device)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    if device.type == "cuda" and cfg["cudnn_benchmark"] and not cfg["deterministic"]:
+        torch.backends.cudnn.benchmark = True
+    if teacher is not None:
+        teacher = teacher.to(memory_format=memory_format)
     budget, optim_cfg = cfg["budget"], cfg["optim"]
 
     # data
@@ -80,7 +93,7 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
 
     # models and methods
-    student = build_segmenter(cfg["student"], num_classes).to(device).train()
+    student = build_segmenter(cfg["student"], num_classes).to(device, memory_format=memory_format).train()
     methods = build_methods(cfg["method"], MethodContext(
         num_classes=num_classes, ignore_index=ignore,
         student_channels=student.feature_channels, student_strides=student.feature_strides,
@@ -107,14 +120,17 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
             for group in optimizer.param_groups:
                 group["lr"] = lr
             image, mask = next(batches)
-            batch = Batch(image.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            batch = Batch(image.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                          mask.to(device, non_blocking=True))
             progress = Progress(k, iterations)
 
-            s_out = student(batch.image)
-            t_out = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = teacher(batch.image)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                s_out = student(batch.image)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(batch.image)
+            s_out, t_out = as_float32(s_out), as_float32(t_out)
             terms = task_terms(s_out, batch.mask, ignore, cfg["student"])
             for method in methods:
                 weights = method.weights()
@@ -172,6 +188,7 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
         "energy_json": energy.result, "git_commit": provenance.git_commit(),
         "versions_json": provenance.versions(), "host": provenance.host(),
         "extra_json": {"teacher": teacher_info, "device": str(device), "last_loss_terms": last_terms,
+                       "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
                        **(extra or {})},
         **{k: v for k, v in (fields or {}).items() if k != "run_id"},
     }
@@ -212,6 +229,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
     return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a run, or None for plain float32. `auto`: bf16 on a CUDA device that
+    supports it, float32 elsewhere (CPU runs stay bit-reproducible)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def as_float32(out):
+    """A SegOutput whose tensors are float32 (the outputs of a bf16 forward, for the losses)."""
+    if out is None or out.logits.dtype == torch.float32:
+        return out
+    return type(out)(logits=out.logits.float(),
+                     aux_logits=None if out.aux_logits is None else out.aux_logits.float(),
+                     features={name: f.float() for name, f in out.features.items()})
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
