@@ -69,6 +69,12 @@ def cmd_config(overrides: List[str]) -> int:
     return 0
 
 
+def cmd_leaderboard(overrides: List[str]) -> int:
+    from harness.tables.leaderboard import cmd_leaderboard as run
+
+    return run(overrides)
+
+
 COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "sweep": (cmd_sweep, "the fair tuning protocol (sweeps/<protocol>.yaml) for the student-only and the "
                          "distilled arm on Ray Tune + Optuna; resumes where a killed sweep stopped"),
@@ -76,6 +82,9 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
                          "+method=NAME); prints mIoU and stores a record"),
     "teacher": (cmd_teacher, "train the configured teacher, or find it in the cache; prints its val mIoU"),
     "config": (cmd_config, "print the resolved configuration and its run hash, run nothing"),
+    "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "
+                                     "bootstrap CI, Holm-corrected p, energy, params/FLOPs/latency; filters "
+                                     "dataset= student= teacher= budget= +method= test=welch|mann-whitney"),
 }
 
 

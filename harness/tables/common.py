@@ -227,3 +227,50 @@ def _hide_password(url: str) -> str:
 def missing(reason: str) -> str:
     """The text of a cell without a value: 'n/a (reason)'."""
     return f"{MISSING} ({reason})"
+
+
+# ----------------------------------------------------------------------------------- formatting
+def pct(value: Optional[float], digits: int = 2) -> Optional[float]:
+    """A fraction as percentage points, rounded for display; None stays None."""
+    return None if value is None else round(100.0 * value, digits)
+
+
+def fmt_p(p: Optional[float]) -> str:
+    if p is None:
+        return MISSING
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def stars(p: Optional[float]) -> str:
+    """Significance marker of a (Holm-adjusted) p-value: * < 0.05, ** < 0.01, *** < 0.001."""
+    if p is None:
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def tex(text: Any) -> str:
+    """Escape LaTeX's special characters in plain text."""
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
+
+
+def tex_title(text: Any) -> str:
+    """`tex` plus the arrow of 'student <- teacher'."""
+    return tex(text).replace(r"\textless{}-", r"$\leftarrow$")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> List[str]:
+    """A pipe table padded to column width, so it also reads in a terminal."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    align = (align or "l" * len(header)).ljust(len(header), "l")
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
+    return [line(cells[0]), rule] + [line(r) for r in cells[1:]]

@@ -1,0 +1,301 @@
+"""Tables from a results database built here row by row: every number is recomputed from the rows."""
+import math
+import re
+import shutil
+import statistics
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from harness import stats
+from harness.config import load_config
+from harness.store import ResultsStore
+from harness.tables import common, leaderboard
+
+torch.set_num_threads(1)
+
+STUDENT = "pspnet_resnet18_small"
+VALUES = {  # method label -> per-seed final mIoU (seeds 1..len)
+    "student-only": [0.500, 0.512, 0.495, 0.507, 0.503],
+    "kd": [0.511, 0.509, 0.522, 0.515, 0.508],
+    "cwd": [0.530, 0.541, 0.528, 0.536, 0.533],
+    "cwd,gskd": [0.533, 0.526, 0.545, 0.531, 0.539],
+}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return load_config([f"paths.results={tmp_path_factory.mktemp('results')}", "progress=false"])
+
+
+def conf_json(cfg, budget="quick"):
+    out = {k: cfg[k] for k in ("dataset", "student", "sweep")}
+    out["budget"] = {**cfg["budget"], "name": budget}
+    return out
+
+
+def add_arm(store, cfg, label, values, teacher="deeplabv3_resnet18_small", budget="quick", energy=True,
+            stage="reruns", status="completed", sweep_id=None, seed0=1, **extra):
+    student_only = label == "student-only"
+    for i, v in enumerate(values):
+        store.append(dict(
+            arm="student-only" if student_only else "distilled", methods=[] if student_only else label,
+            dataset="synthetic", student=STUDENT, teacher=None if student_only else teacher, seed=seed0 + i,
+            split="val", status=status, stage=stage, final_miou=v, config_json=conf_json(cfg, budget),
+            sweep_id=sweep_id or f"{'student-only' if student_only else 'distilled:' + label}:{budget}",
+            energy_kwh=(0.002 + 0.0001 * i) if energy else None, co2_kg=(0.0008 + 0.00004 * i) if energy else None,
+            git_commit="abc123", **extra))
+
+
+@pytest.fixture
+def store(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "db.sqlite")
+    for label, values in VALUES.items():
+        add_arm(s, cfg, label, values)
+    # noise that must be ignored: tuning rows, a failed rerun, another budget's reruns
+    add_arm(s, cfg, "kd", [0.9], stage="lr_wd", sweep_id="distilled:kd:quick")
+    add_arm(s, cfg, "kd", [0.99], status="failed", seed0=9)
+    add_arm(s, cfg, "kd", [0.2, 0.21], budget="smoke")
+    add_arm(s, cfg, "student-only", [0.1, 0.11], budget="smoke")
+    return s
+
+
+def cfg_for(cfg, store):
+    return {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(store.url).rsplit("/", 1)[0].replace("sqlite:///", "")}}
+
+
+# ------------------------------------------------------------------------------------ common
+def test_row_id_is_stable_and_normalises_methods():
+    a = common.row_id("synthetic", "s", "t", "gskd,cwd", "quick")
+    assert a == common.row_id("synthetic", "s", "t", ["cwd", "gskd"], "quick") == common.row_id("synthetic", "s", "t", "cwd+gskd", "quick")
+    assert re.fullmatch(r"[0-9a-f]{8}", a)
+    assert common.row_id("synthetic", "s", "t", "", "quick") == common.row_id("synthetic", "s", "t", None, "quick")
+    assert len({common.row_id("synthetic", "s", "t", m, b) for m in ("", "kd", "cwd") for b in ("quick", "smoke")}) == 6
+    from harness.config import stable_hash
+    assert common.row_id("d", "s", "t", "kd") == stable_hash(["d", "s", "t", "kd"], 8)
+
+
+def test_blocks_group_rerun_rows_and_separate_budgets(store):
+    blocks = common.load_blocks(store)
+    assert [(b.budget, list(b.arms)) for b in blocks] == [
+        ("quick", ["student-only", "cwd", "cwd+gskd", "kd"]), ("smoke", ["student-only", "kd"])]
+    quick = blocks[0]
+    for label, values in VALUES.items():
+        assert quick.arms[common.method_label(label)].values == values     # no tuning / failed rows
+    assert common.load_blocks(store, budget="smoke")[0].arms["kd"].values == [0.2, 0.21]
+    assert list(common.load_blocks(store, budget="quick", methods=["kd"])[0].arms) == ["student-only", "kd"]
+    assert common.load_blocks(store, dataset="cityscapes") == []
+
+
+def test_student_only_rows_serve_every_teacher(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "t.db")
+    add_arm(s, cfg, "student-only", [0.5, 0.51])
+    add_arm(s, cfg, "kd", [0.52, 0.53], teacher="t1")
+    add_arm(s, cfg, "kd", [0.54, 0.55], teacher="t2")
+    blocks = common.load_blocks(s)
+    assert [b.teacher for b in blocks] == ["t1", "t2"]
+    assert all(b.baseline.values == [0.5, 0.51] for b in blocks)
+    ids = {b.row_id("student-only") for b in blocks} | {b.row_id("kd") for b in blocks}
+    assert len(ids) == 4
+
+
+def test_find_row_returns_the_rows_behind_an_id(store):
+    rid = common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
+    rows = common.find_row(store, rid)
+    assert [r["final_miou"] for r in rows] == VALUES["cwd,gskd"] and {r["methods"] for r in rows} == {"cwd,gskd"}
+    base = common.find_row(store, common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "", "quick"))
+    assert [r["final_miou"] for r in base] == VALUES["student-only"]
+    assert common.find_row(store, "00000000") == []
+    assert rid in common.known_row_ids(store)
+
+
+def test_source_lines_state_database_protocol_budget_seeds_date_commit(store):
+    rows = common.load_blocks(store, budget="quick")[0].rows
+    text = "\n".join(common.source_lines(store.url, rows))
+    for needle in (store.url, "Protocol: default", "budget: quick", "Seeds: 1, 2, 3, 4, 5", "abc123", "Generated:"):
+        assert needle in text
+
+
+# ---------------------------------------------------------------------------------- efficiency
+def test_efficiency_counts_params_and_flops_independently(cfg):
+    from harness.models import build_segmenter
+    from harness.tables.efficiency import measure
+
+    student = {**cfg["student"], "head_channels": 16}
+    h, w = 37, 45   # odd size
+    rng_before = torch.random.get_rng_state()
+    e = measure(student, 9, [h, w], repetitions=3, warmup=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    model = build_segmenter({**student, "aux": False}, 9).eval()
+    assert e.params == sum(p.numel() for p in model.parameters())
+    assert e.params_train > e.params   # the aux head is counted for training only
+    flops = []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            flops.append(2 * out.numel() * k)
+        elif isinstance(mod, torch.nn.Linear):
+            flops.append(2 * out.numel() * mod.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, h, w))
+    for hd in handles:
+        hd.remove()
+    assert e.flops == sum(flops) and e.input_size == (h, w)
+    assert e.latency_ms > 0 and e.device == "cpu" and e.batch == 1 and e.repetitions == 3
+    assert "37x45" in e.describe() and "median of 3" in e.describe()
+
+
+# --------------------------------------------------------------------------------- leaderboard
+def holm_by_hand(ps):
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def test_leaderboard_values_recomputed_from_rows(store):
+    tables = leaderboard.build(store, budget="quick", efficiency=False, n_resamples=999)
+    assert len(tables) == 1
+    rows = {r.label: r for r in tables[0].rows}
+    assert [r.label for r in tables[0].rows] == ["student-only", "cwd", "kd", "cwd+gskd"]
+    base = VALUES["student-only"]
+    labels = ["cwd", "kd", "cwd+gskd"]
+    raw = []
+    for label in labels:
+        v = VALUES[label.replace("+", ",")]
+        r = rows[label]
+        assert r.mean == pytest.approx(statistics.fmean(v), rel=1e-12)
+        assert r.std == pytest.approx(statistics.stdev(v), rel=1e-12)
+        assert r.lift == pytest.approx(statistics.fmean(v) - statistics.fmean(base), rel=1e-12)
+        assert r.ci.low < r.lift < r.ci.high
+        va, vb = statistics.variance(v) / len(v), statistics.variance(base) / len(base)
+        assert r.welch.statistic == pytest.approx(r.lift / math.sqrt(va + vb), rel=1e-9)
+        raw.append(r.welch.p)
+        assert r.energy_kwh == pytest.approx(statistics.fmean(0.002 + 0.0001 * i for i in range(5)))
+    for label, adj in zip(labels, holm_by_hand(raw)):
+        assert rows[label].p_holm == pytest.approx(adj, rel=1e-12)
+    # best = cwd+gskd (53.48); cwd (53.36) within its std (0.73); kd and student-only not
+    assert rows["cwd+gskd"].best and rows["cwd"].within_one_std
+    assert not rows["kd"].within_one_std and not rows["student-only"].best
+    assert rows["kd"].sweep_energy_kwh == pytest.approx(sum(0.002 + 0.0001 * i for i in range(5)) + 0.002 * 2)
+
+
+def test_leaderboard_mann_whitney_option(store):
+    t = leaderboard.build(store, budget="quick", test="mann-whitney", efficiency=False, n_resamples=199)[0]
+    r = {r.label: r for r in t.rows}
+    assert r["cwd"].p_raw == pytest.approx(stats.mann_whitney(VALUES["cwd"], VALUES["student-only"]).p)
+    with pytest.raises(ValueError, match="unknown test"):
+        leaderboard.build(store, test="t-test", efficiency=False)
+
+
+def test_leaderboard_files_md_csv_tex(store, cfg, tmp_path):
+    c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(tmp_path / "out")}}
+    paths = leaderboard.write(c, {"budget": "quick"}, latency=False, quiet=True)
+    md = paths["md"].read_text()
+    rid = common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
+    assert f"**{100 * statistics.fmean(VALUES['cwd,gskd']):.2f} +- {100 * statistics.stdev(VALUES['cwd,gskd']):.2f} (5)**" in md
+    assert rid in md and "(reference)" in md and "budget=quick" in md and "Seeds: 1, 2, 3, 4, 5" in md
+    assert "FLOPs = torch.utils.flop_counter at 96x96" in md
+
+    df = pd.read_csv(paths["csv"])
+    assert len(df) == 4 and df["n"].dtype == np.int64 and df["best"].dtype == bool
+    for col in ("miou_mean_pct", "lift_pct", "p_holm", "energy_kwh_per_run"):
+        assert df[col].dtype == np.float64, col
+    assert df["params"].dtype == np.int64 and df["flops"].dtype == np.int64
+    row = df[df.row_id == rid].iloc[0]
+    assert row.miou_mean_pct == pytest.approx(100 * statistics.fmean(VALUES["cwd,gskd"]), abs=1e-6)
+    assert row.methods == "cwd+gskd" and row.arm == "distilled" and bool(row.best)
+    base = df[df.arm == "student-only"].iloc[0]
+    assert math.isnan(base.lift_pct) and math.isnan(base.p_holm)     # the reference has no lift: empty, not 0
+    typed = leaderboard.read_csv(paths["csv"])
+    assert typed["row_id"].dtype == "string" and typed["params"].dtype == "Int64"
+
+    check_latex(paths["tex"].read_text(), ncol=10)
+
+
+def check_latex(text, ncol):
+    body = "\n".join(l for l in text.splitlines() if not l.startswith("%"))
+    for env in ("table", "tabular"):
+        assert body.count(rf"\begin{{{env}}}") == body.count(rf"\end{{{env}}}") == 1
+    assert body.index(r"\toprule") < body.index(r"\midrule") < body.index(r"\bottomrule")
+    assert re.search(r"\\begin\{tabular\}\{l" + "r" * (ncol - 1) + "}", body)
+    start, end = body.index(r"\toprule"), body.index(r"\bottomrule")
+    for line in body[start:end].splitlines()[1:]:
+        if line.startswith((r"\midrule", r"\multicolumn")):
+            continue
+        assert len(re.findall(r"(?<!\\)&", line)) == ncol - 1, line
+        assert line.endswith(r"\\")
+    assert body.count("{") == body.count("}") + body.count(r"\}") - body.count(r"\{") or True
+    opened = len(re.findall(r"(?<!\\)\{", body))
+    closed = len(re.findall(r"(?<!\\)\}", body))
+    assert opened == closed
+    assert "_" not in re.sub(r"\\_|\$[^$]*\$", "", body)   # every underscore escaped or in math
+    if shutil.which("pdflatex"):
+        doc = "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + text + "\\end{document}\n"
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "t.tex").write_text(doc)
+            res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=d,
+                                 capture_output=True, timeout=120)
+            assert res.returncode == 0, res.stdout[-2000:]
+
+
+def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "m.db")
+    add_arm(s, cfg, "kd", [0.52, 0.53, 0.51], energy=False)         # no student-only arm, no energy
+    add_arm(s, cfg, "cwd", [0.55])                                  # one seed
+    t = leaderboard.build(s, efficiency=False, n_resamples=199)[0]
+    r = {r.label: r for r in t.rows}
+    assert "student-only" not in r and r["kd"].lift is None and r["kd"].p_holm is None
+    assert any("no tuned student-only arm" in n for n in t.notes)
+    assert r["kd"].energy_kwh is None and any("no energy" in n for n in r["kd"].notes)
+    assert r["cwd"].std is None and any("one seed" in n for n in r["cwd"].notes)
+    md = leaderboard.to_markdown([t], ["Source: test"])
+    assert "n/a" in md and "no tuned student-only arm" in md and "one seed" in md
+    kd_line = next(l for l in md.splitlines() if "| kd " in l)
+    cells = [c.strip() for c in kd_line.strip("|").split("|")]
+    assert cells[3:8] == ["n/a"] * 5   # lift, p, kWh, CO2, sweep kWh: said missing, never 0
+
+    add_arm(s, cfg, "student-only", [0.5, 0.5, 0.5])
+    add_arm(s, cfg, "kd", [0.5, 0.5], teacher="flat")                   # both arms zero variance
+    flat = leaderboard.build(s, teacher="flat", efficiency=False, n_resamples=199)[0]
+    kd = {r.label: r for r in flat.rows}["kd"]
+    assert kd.p_holm is None and any("zero variance" in n for n in kd.notes) and kd.lift == 0.0
+
+
+def test_leaderboard_only_student_arm_and_few_seeds(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "s.db")
+    add_arm(s, cfg, "student-only", [0.5, 0.51])
+    t = leaderboard.build(s, efficiency=False, min_seeds=3)[0]
+    assert t.block.teacher is None and any("no distilled arm" in n for n in t.notes)
+    assert any("2 seeds < report.min_seeds = 3" in n for n in t.rows[0].notes)
+
+
+def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
+    from harness.cli import main
+
+    out = tmp_path / "empty"
+    assert main(["leaderboard", f"paths.results={out}", "progress=false"]) == 0
+    err = capsys.readouterr().err
+    assert "No completed rerun rows" in err and "sweep +method=NAME" in err
+    assert "No completed rerun rows" in (out / "leaderboard.md").read_text()
+    assert pd.read_csv(out / "leaderboard.csv").empty
+    check_latex((out / "leaderboard.tex").read_text(), ncol=10)
+    s = ResultsStore(f"sqlite:///{out}/harness.db")
+    add_arm(s, cfg, "student-only", [0.5, 0.51, 0.49])
+    add_arm(s, cfg, "kd", [0.52, 0.53, 0.55])
+    add_arm(s, cfg, "cwd", [0.52, 0.53, 0.55])
+    assert main(["leaderboard", f"paths.results={out}", "+method=kd", "student=" + STUDENT]) == 0
+    df = pd.read_csv(out / "leaderboard.csv")
+    assert list(df["arm"]) == ["student-only", "distilled"] and df["methods"].iloc[1] == "kd"
+    assert main(["leaderboard", f"paths.results={out}", "test=z"]) == 2
+    assert "unknown test" in capsys.readouterr().err
