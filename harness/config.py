@@ -173,6 +173,7 @@ class EnergyConfig:
     country_iso_code: str = "DEU"
     carbon_intensity_g_per_kwh: Optional[float] = None  # force a fixed intensity (comparability)
     measure_power_secs: int = 15
+    gpu_share: Optional[float] = None  # fraction of a GPU this run holds; the sweep sets it from gpus_per_trial
 
 
 @dataclass
@@ -193,6 +194,11 @@ class SweepConfig:
 
 
 @dataclass
+class ReportConfig:
+    min_seeds: int = 3  # tables mark comparisons with fewer rerun seeds per arm
+
+
+@dataclass
 class TopConfig:
     seed: int = 0
     train_split: str = "train"
@@ -209,6 +215,7 @@ class TopConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig, "cityscapes": CityscapesDatasetConfig,
@@ -402,6 +409,7 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"'precision' must be one of {', '.join(PRECISIONS)}, got '{cfg['precision']}' "
                           f"(fp16 is not offered: it needs loss scaling, bf16 does not)")
     positive("threads", cfg["threads"])
+    positive("report.min_seeds", cfg["report"]["min_seeds"])
     if len(d["class_names"]) != d["num_classes"]:
         raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
                           f"but num_classes = {d['num_classes']}")

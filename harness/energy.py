@@ -142,6 +142,27 @@ def _cpu_power_mode(tracker: Any) -> str | None:
     return None
 
 
+def apportion_gpu(result: dict, share: float) -> list:
+    """codecarbon's GPU energy is per device: a run holding `share` (< 1) of a GPU that other trials
+    use at the same time would count their energy too. Keep the device's reading in `gpu_kwh_device`,
+    count `share` of it in `gpu_kwh` and `energy_kwh`, scale CO2 with the energy, and say so.
+    The split assumes the co-located runs kept the GPU equally busy; it is an estimate."""
+    device = result.get("gpu_kwh")
+    result["gpu_share"] = share
+    if not device:
+        return []
+    result["gpu_kwh_device"] = device
+    result["gpu_kwh"] = device * share
+    total = result.get("energy_kwh")
+    if total:
+        new_total = total - device * (1 - share)
+        if result.get("co2_kg") is not None:
+            result["co2_kg"] *= new_total / total
+        result["energy_kwh"] = new_total
+    return [f"GPU shared with other trials: {share:g} of the device's {device:.6f} kWh counted "
+            f"(codecarbon reads the whole device; gpu_kwh_device keeps that reading)"]
+
+
 class EnergyMeter:
     """Context manager measuring energy/CO2 of the enclosed block; see module docstring.
 
@@ -159,6 +180,8 @@ class EnergyMeter:
         forced = _cfg_get(self.cfg, "carbon_intensity_g_per_kwh", None)
         self.forced_intensity = None if forced is None else float(forced)
         self.measure_power_secs = float(_cfg_get(self.cfg, "measure_power_secs", 15))
+        share = _cfg_get(self.cfg, "gpu_share", None)
+        self.gpu_share = None if share is None or float(share) >= 1 else float(share)
         self.tracker: Any = None
         self.notes: list[str] = []
         self.result: dict = self._base_result(TRACKER_DISABLED if not self.enabled else None)
@@ -329,6 +352,10 @@ class EnergyMeter:
             return
         self._fill_from_data(data, tracker)
 
+    def _apportion_gpu(self, r: dict) -> None:
+        if self.gpu_share is not None:
+            self.notes.extend(apportion_gpu(r, self.gpu_share))
+
     def _fill_from_data(self, data: Any, tracker: Any) -> None:
         def num(name: str) -> float | None:
             v = getattr(data, name, None)
@@ -371,6 +398,7 @@ class EnergyMeter:
             r["carbon_intensity_source"] = f"codecarbon offline energy mix ({r['country_iso_code']})"
             if kwh is not None and co2 is not None and kwh > 0:
                 r["carbon_intensity_g_per_kwh"] = co2 * 1000.0 / kwh
+        self._apportion_gpu(r)
         if r["cpu_power_mode"] in ("cpu_load", "constant") or (
             r["cpu_power_mode"] is None and r["cpu_kwh"]
         ):

@@ -184,3 +184,22 @@ def test_gpu_flag_in_result_when_gpu_claimed(tmp_path):
         assert r["gpu_energy_flag"] == GPU_ZERO_ENERGY_MESSAGE
     else:
         assert r["gpu_energy_flag"] is None
+
+
+def test_shared_gpu_energy_is_apportioned_not_double_counted():
+    """Two trials holding 0.5 GPU each: each counts half of the device's reading, CO2 follows."""
+    from harness.energy import apportion_gpu
+
+    result = {"energy_kwh": 0.30, "gpu_kwh": 0.20, "cpu_kwh": 0.08, "ram_kwh": 0.02, "co2_kg": 0.12}
+    notes = apportion_gpu(result, 0.5)
+    assert result["gpu_kwh_device"] == 0.20 and result["gpu_kwh"] == pytest.approx(0.10)
+    assert result["energy_kwh"] == pytest.approx(0.20) and result["co2_kg"] == pytest.approx(0.08)
+    assert result["gpu_share"] == 0.5 and "shared" in notes[0]
+    zero = {"energy_kwh": 0.1, "gpu_kwh": 0.0, "co2_kg": 0.04}
+    assert apportion_gpu(zero, 0.25) == [] and zero["energy_kwh"] == 0.1 and zero["gpu_share"] == 0.25
+
+
+def test_meter_reads_the_share_from_config(tmp_path):
+    assert EnergyMeter({"gpu_share": 0.5}, "r", str(tmp_path)).gpu_share == 0.5
+    assert EnergyMeter({"gpu_share": 1.0}, "r", str(tmp_path)).gpu_share is None   # a whole GPU: nothing to split
+    assert EnergyMeter({}, "r", str(tmp_path)).gpu_share is None

@@ -186,7 +186,8 @@ def launch(cfg, protocol: Protocol, unit: Unit, todo, remaining: int, done, comm
     evaluations = math.ceil(budget["iterations"] / budget["eval_interval"])
     spec = {"base": unit.base, "fixed": unit.fixed, "arm_id": unit.arm_id, "stage": unit.name,
             "split": unit.stage.split, "threads": max(1, int(sweep["cpus_per_trial"])),
-            "collapse_fraction": sweep["collapse_fraction"], "command": command}
+            "collapse_fraction": sweep["collapse_fraction"], "command": command,
+            "gpu_share": sweep["gpus_per_trial"] if 0 < sweep["gpus_per_trial"] < 1 else None}
     if unit.points:
         param_space = {SEARCH_KEY: tune.grid_search(todo)}
         search_alg, num_samples = None, 1

@@ -51,6 +51,8 @@ def trainable(config: Dict[str, Any], spec: Dict[str, Any]) -> None:
     params = trial_params(config, spec["fixed"])
     cfg = apply_params(spec["base"], params)
     cfg.update(eval_split=spec["split"], progress=False, threads=spec["threads"])
+    if spec.get("gpu_share"):  # trials packed on one GPU: each counts its share of the device's energy
+        cfg["energy"] = {**cfg["energy"], "gpu_share": spec["gpu_share"]}
     trial_id = tune.get_context().get_trial_id()
     best = {"miou": 0.0}
 
