@@ -75,6 +75,12 @@ def cmd_leaderboard(overrides: List[str]) -> int:
     return run(overrides)
 
 
+def cmd_energy(overrides: List[str]) -> int:
+    from harness.tables.energy import main as run
+
+    return run(overrides)
+
+
 COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "sweep": (cmd_sweep, "the fair tuning protocol (sweeps/<protocol>.yaml) for the student-only and the "
                          "distilled arm on Ray Tune + Optuna; resumes where a killed sweep stopped"),
@@ -85,6 +91,8 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "
                                      "bootstrap CI, Holm-corrected p, energy, params/FLOPs/latency; filters "
                                      "dataset= student= teacher= budget= +method= test=welch|mann-whitney"),
+    "energy": (cmd_energy, "reports/energy.md: training energy and CO2 per arm, inference per 10,000 images "
+                           "(measured now), break-even images (paper 003 Table 8)"),
 }
 
 

@@ -1,0 +1,180 @@
+"""Energy report, plots, qualitative grid, reproduce, `report`: numbers recomputed from the rows.
+
+Most tests read synthetic rows appended through ResultsStore (a fake sweep with known energies and
+mIoUs); `reproduce` and `show` train real tiny runs (the `tiny` fixture)."""
+import copy
+import math
+import re
+import statistics
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.config import load_config
+from harness.store import ResultsStore
+from harness.tables import energy as energy_mod
+from harness.tables.common import load_blocks, row_id
+
+torch.set_num_threads(1)
+
+INTENSITY = 400.0  # g/kWh stored with every synthetic run
+KD_KWH = [0.30, 0.34, 0.32]
+SO_KWH = [0.10, 0.12, 0.11]
+TEACHER_KWH = 0.9
+
+
+def fake_inference(model_cfg, dataset_cfg, energy_cfg, device, output_dir, batch_size, **kwargs):
+    """Student (pspnet_resnet18_small) 0.1 kWh / 10k images, teacher 0.3: break-even known exactly."""
+    kwh = 0.1 if model_cfg["name"] == "pspnet_resnet18_small" else 0.3
+    return {"model": model_cfg["name"], "device": str(device), "batch_size": batch_size,
+            "image_size": list(dataset_cfg["image_size"]), "images": 64, "seconds": 1.0,
+            "tracker": "codecarbon-offline", "energy_kwh": kwh * 64 / 10_000, "co2_kg": None,
+            "carbon_intensity_g_per_kwh": INTENSITY, "carbon_intensity_source": "fake", "cpu_power_mode": None,
+            "notes": [], "kwh_10k": kwh, "co2_10k": kwh * INTENSITY / 1000, "reason": None}
+
+
+def _row(cfg, arm, stage, seed, miou, kwh, sweep_id, params=None, **extra):
+    cfg = copy.deepcopy(cfg)
+    cfg["seed"] = seed
+    methods = ",".join(sorted(cfg["method"]))
+    return {"config_json": cfg, "arm": arm, "methods": methods, "dataset": cfg["dataset"]["name"],
+            "student": cfg["student"]["name"], "teacher": cfg["teacher"]["name"] if cfg["method"] else None,
+            "seed": seed, "split": "val" if stage == "reruns" else "tune", "status": extra.pop("status", "completed"),
+            "stage": stage, "sweep_id": sweep_id, "params_json": params or {}, "final_miou": miou,
+            "history_json": [{"iteration": 2, "miou": miou / 2, "loss": 1.0, "pixel_accuracy": 0.5},
+                             {"iteration": 4, "miou": miou, "loss": 0.5, "pixel_accuracy": 0.6}],
+            "energy_kwh": kwh, "co2_kg": None if kwh is None else kwh * INTENSITY / 1000,
+            "carbon_intensity_g_per_kwh": None if kwh is None else INTENSITY,
+            "energy_json": extra.pop("energy_json", {"tracker": "codecarbon-offline" if kwh is not None else "disabled",
+                                                     "gpu_energy_flag": None}),
+            "git_commit": "abc123", "extra_json": extra.pop("extra_json", {"device": "cpu"}), **extra}
+
+
+@pytest.fixture
+def fake_db(tiny, tmp_path):
+    """A fake smoke sweep of kd and cwd (student-only arm shared) in a fresh database."""
+    reports = f"paths.reports={tmp_path / 'reports'}"
+    so_cfg = load_config(tiny(reports))
+    kd_cfg = load_config(tiny("+method=kd", reports))
+    cwd_cfg = load_config(tiny("+method=cwd", reports))
+    store = ResultsStore(so_cfg["store"]["url"])
+    teacher_run = store.append(_row(load_config(tiny()), "teacher", None, 0, 0.6, TEACHER_KWH, None,
+                                    student=kd_cfg["teacher"]["name"]))
+    tinfo = {"device": "cpu", "teacher": {"source": "trained", "trained_by_run": teacher_run, "val_miou": 0.61}}
+    so, kd, cwd = "student-only:s1", "distilled:kd:k1", "distilled:cwd:c1"
+    for i, lr in enumerate([0.01, 0.02, 0.05]):
+        store.append(_row(so_cfg, "student-only", "lr_wd", 0, 0.20 + 0.01 * i, 0.05, so, {"optim.lr": lr}))
+        store.append(_row(kd_cfg, "distilled", "lr_wd", 0, 0.22 + 0.01 * i, 0.1, kd, {"optim.lr": lr}, extra_json=tinfo))
+    store.append(_row(kd_cfg, "distilled", "lr_wd", 0, 0.05, 0.02, kd, {"optim.lr": 0.1}, status="pruned",
+                      extra_json=tinfo))
+    for tau, m in zip([1, 2, 4, 8], [0.25, 0.27, 0.26, 0.24]):
+        store.append(_row(kd_cfg, "distilled", "temperature[method.kd.tau]", 0, m, 0.1, kd,
+                          {"optim.lr": 0.05, "method.kd.tau": tau}, extra_json=tinfo))
+    for w, m in zip([0.1, 1.0, 10.0], [0.23, 0.27, 0.21]):
+        store.append(_row(kd_cfg, "distilled", "weights[method.kd.weight]", 0, m, 0.1, kd,
+                          {"optim.lr": 0.05, "method.kd.tau": 2, "method.kd.weight": w}, extra_json=tinfo))
+    for seed, (m, k) in enumerate(zip([0.30, 0.32, 0.31], SO_KWH), start=1):
+        store.append(_row(so_cfg, "student-only", "reruns", seed, m, k, so, {"optim.lr": 0.05, "seed": seed}))
+    for seed, (m, k) in enumerate(zip([0.34, 0.35, 0.37], KD_KWH), start=1):
+        store.append(_row(kd_cfg, "distilled", "reruns", seed, m, k, kd,
+                          {"optim.lr": 0.05, "method.kd.tau": 2, "seed": seed}, extra_json=tinfo))
+    # cwd: one rerun without energy, one flagged (zero GPU energy on a busy GPU), one measured
+    store.append(_row(cwd_cfg, "distilled", "reruns", 1, 0.33, None, cwd, extra_json=tinfo))
+    store.append(_row(cwd_cfg, "distilled", "reruns", 2, 0.31, 0.2, cwd, extra_json=tinfo,
+                      energy_json={"tracker": "codecarbon-offline", "gpu_energy_flag": "zero GPU energy"}))
+    store.append(_row(cwd_cfg, "distilled", "reruns", 3, 0.32, 0.25, cwd, extra_json=tinfo))
+    return store, so_cfg
+
+
+def tables(text):
+    """Every Markdown table of `text` as a list of rows (lists of stripped cells), header first."""
+    out, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = []
+                out.append(current)
+            if not set(line) <= set("|-: "):
+                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        else:
+            current = None
+    return out
+
+
+def by_first_cell(table):
+    return {row[0]: row[1:] for row in table[1:]}
+
+
+# --------------------------------------------------------------------------------------- energy
+def test_energy_report_recomputes_table_8_from_the_rows(fake_db):
+    store, cfg = fake_db
+    text = energy_mod.energy_report(store, cfg, measure=fake_inference)
+    main_table, break_even, tuning = (by_first_cell(t) for t in tables(text))
+    so = main_table["S (student-only, tuned)"]
+    assert so[0] == f"{100 * statistics.fmean([0.30, 0.32, 0.31]):.2f} +- {100 * statistics.stdev([0.30, 0.32, 0.31]):.2f} (n=3)"
+    assert so[1] == f"{statistics.fmean(SO_KWH):.3g} +- {statistics.stdev(SO_KWH):.2g}"
+    assert so[2] == f"{statistics.fmean(SO_KWH) * INTENSITY / 1000:.3g}"
+    assert so[3:] == ["0.1", f"{0.1 * INTENSITY / 1000:.3g}"]
+    kd = main_table["S + kd"]
+    assert kd[1].startswith(f"{statistics.fmean(KD_KWH):.3g} +- ") and kd[3] == "0.1"
+    teacher = main_table["T (pspnet_resnet34)"]
+    assert teacher[0].startswith("61.00") and teacher[1] == f"{TEACHER_KWH:.3g}" and teacher[3] == "0.3"
+    # cwd: the run without energy and the flagged one are left out of the mean, and said so
+    assert main_table["S + cwd"][1] == "0.25 (1 of 3 runs; 1 without energy, 1 flagged)"
+    # break-even N = E_train(S + M) / (e_T - e_S), e per image
+    per_image_saving = (0.3 - 0.1) / 10_000
+    assert break_even["S + kd"][0] == f"{statistics.fmean(KD_KWH) / per_image_saving:,.0f} images"
+    kd_sweep = 3 * 0.1 + 0.02 + 4 * 0.1 + 3 * 0.1 + sum(KD_KWH)
+    assert break_even["S + kd"][1] == f"{kd_sweep / per_image_saving:,.0f} images"
+    assert break_even["S + cwd"][1].startswith(f"at least {0.25 / per_image_saving:,.0f} images (2 of 3")
+    # tuning cost = every row of the arm's sweep
+    assert tuning["kd"][:2] == ["14", f"{kd_sweep:.3g}"]
+    assert tuning["student-only"][:2] == ["6", f"{3 * 0.05 + sum(SO_KWH):.3g}"]
+    assert "Source:" in text and "abc123" in text and "Seeds: 1, 2, 3" in text
+    assert "training runs: 400 g/kWh" in text
+
+
+def test_forced_carbon_intensity_recomputes_every_co2(fake_db):
+    store, cfg = fake_db
+    cfg = {**cfg, "energy": {**cfg["energy"], "carbon_intensity_g_per_kwh": 100.0}}
+    text = energy_mod.energy_report(store, cfg, measure=fake_inference)
+    main_table = by_first_cell(tables(text)[0])
+    assert main_table["S + kd"][2] == f"{statistics.fmean(KD_KWH) * 0.1:.3g}"
+    assert main_table["T (pspnet_resnet34)"][4] == f"{0.3 * 0.1:.3g}"
+    assert "100 g CO2/kWh for every CO2 number" in text
+
+
+def test_flagged_inference_and_missing_arm_are_said_not_zeroed(fake_db):
+    store, cfg = fake_db
+    for r in store.query(arm="student-only", stage="reruns"):
+        store.update(r["run_id"], stage="gone")
+
+    def flagged_teacher(model_cfg, *args, **kwargs):
+        out = fake_inference(model_cfg, *args, **kwargs)
+        if model_cfg["name"] != "pspnet_resnet18_small":
+            out.update(kwh_10k=None, co2_10k=None, reason="flagged: zero GPU energy while a GPU was in use")
+        return out
+
+    text = energy_mod.energy_report(store, cfg, measure=flagged_teacher)
+    main_table, break_even = (by_first_cell(t) for t in tables(text)[:2])
+    assert main_table["S (student-only, tuned)"][0] == "n/a (no student-only rerun in the database)"
+    assert main_table["T (pspnet_resnet34)"][3].startswith("flagged")
+    assert break_even["S + kd"][0] == "n/a (no inference energy)"
+
+
+def test_empty_database_energy_command_says_so(tiny, tmp_path, capsys):
+    assert main(["energy", *tiny(f"paths.reports={tmp_path / 'reports'}")]) == 0
+    text = (tmp_path / "reports" / "energy.md").read_text()
+    assert "No completed rerun rows" in text and "python -m harness sweep" in text and "Source:" in text
+
+
+def test_inference_is_measured_by_codecarbon_and_extrapolated(tiny):
+    cfg = load_config(tiny())
+    m = energy_mod.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": True}, "cpu",
+                                     str(cfg["paths"]["results"]), batch_size=2, images=4, min_seconds=0.3)
+    assert m["tracker"] == "codecarbon-offline" and m["images"] >= 4 and m["seconds"] >= 0.3
+    assert m["kwh_10k"] == pytest.approx(m["energy_kwh"] * 10_000 / m["images"], rel=1e-12) and m["kwh_10k"] > 0
+    off = energy_mod.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": False}, "cpu",
+                                       str(cfg["paths"]["results"]), batch_size=2, images=2, min_seconds=0)
+    assert off["kwh_10k"] is None and "energy.enabled=false" in off["reason"]
