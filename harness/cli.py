@@ -69,6 +69,12 @@ def cmd_config(overrides: List[str]) -> int:
     return 0
 
 
+def cmd_significance(overrides: List[str]) -> int:
+    from harness.tables.significance import cmd_significance as run
+
+    return run(overrides)
+
+
 def cmd_leaderboard(overrides: List[str]) -> int:
     from harness.tables.leaderboard import cmd_leaderboard as run
 
@@ -91,6 +97,9 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "
                                      "bootstrap CI, Holm-corrected p, energy, params/FLOPs/latency; filters "
                                      "dataset= student= teacher= budget= +method= test=welch|mann-whitney"),
+    "significance": (cmd_significance, "reports/significance.{md,tex}: method x method differences with bootstrap "
+                                       "CIs, Holm-adjusted Welch and Mann-Whitney p-values, seeds below "
+                                       "report.min_seeds marked"),
     "energy": (cmd_energy, "reports/energy.md: training energy and CO2 per arm, inference per 10,000 images "
                            "(measured now), break-even images (paper 003 Table 8)"),
 }

@@ -190,6 +190,7 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     max_failures: int = 1
     collapse_fraction: float = 0.5
+    estimate_tflops: float = 100.0  # effective training TFLOP/s of one GPU, for the --dry-run estimate
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -299,3 +299,64 @@ def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
     assert list(df["arm"]) == ["student-only", "distilled"] and df["methods"].iloc[1] == "kd"
     assert main(["leaderboard", f"paths.results={out}", "test=z"]) == 2
     assert "unknown test" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- significance
+def test_significance_matrix_recomputed_from_rows(store):
+    from harness.tables import significance
+
+    m = significance.build(store, budget="quick", min_seeds=3)[0]
+    labels = ["student-only", "cwd", "kd", "cwd+gskd"]
+    assert m.labels == labels and len(m.pairs) == 6
+    vals = {l: VALUES[l.replace("+", ",")] for l in labels}
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    welch = [stats.welch(vals[a], vals[b]).p for a, b in pairs]
+    mw = [stats.mann_whitney(vals[a], vals[b]).p for a, b in pairs]
+    for (a, b), pw, pm in zip(pairs, holm_by_hand(welch), holm_by_hand(mw)):
+        pair, sign = m.pair(b, a)
+        assert sign == -1 and pair.p_welch_holm == pytest.approx(pw) and pair.p_mw_holm == pytest.approx(pm)
+        d = statistics.fmean(vals[a]) - statistics.fmean(vals[b])
+        assert significance.diff_text(m, a, b).startswith(f"{100 * d:+.2f} [")
+        assert significance.diff_text(m, b, a).startswith(f"{-100 * d:+.2f} [")
+    # 5 vs 5 seeds: Mann-Whitney can reach 2/252 raw, but 6 x 2/252 = 0.048 after Holm: still possible
+    assert not any("no pair can reach" in n for n in m.notes)
+
+
+def test_significance_few_seeds_are_marked_and_warned(tmp_path, cfg):
+    from harness.tables import significance
+
+    s = ResultsStore(tmp_path / "few.db")
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49])
+    add_arm(s, cfg, "kd", [0.55, 0.56, 0.57])
+    add_arm(s, cfg, "cwd", [0.58, 0.60])
+    m = significance.build(s, min_seeds=3)[0]
+    text = " ".join(m.notes)
+    assert "cwd: 2 seed(s) < report.min_seeds = 3" in text
+    assert "smallest possible p is 0.1" in text and "impossible" in text          # 3 vs 3 seeds
+    assert "no pair can reach 0.05" in text                                        # 3 x 0.1 after Holm
+    assert significance.diff_text(m, "cwd", "kd").endswith(significance.DAGGER)
+    assert not significance.diff_text(m, "kd", "student-only").endswith(significance.DAGGER)
+    assert r"$^\dagger$" in significance.p_text(m, "cwd", "student-only", latex=True)
+
+
+def test_significance_cli_files_and_empty(tmp_path, store, cfg, capsys):
+    from harness.cli import main
+    from harness.tables import significance
+
+    out = tmp_path / "reports"
+    c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "reports": str(out)}}
+    paths = significance.write(c, {"budget": "quick"}, quiet=True)
+    md = paths["md"].read_text()
+    assert "## synthetic: pspnet_resnet18_small <- deeplabv3_resnet18_small, budget quick" in md
+    assert "p (Welch, Holm) / p (Mann-Whitney, Holm)" in md and "Source: significance" in md
+    tex_text = paths["tex"].read_text()
+    body = "\n".join(l for l in tex_text.splitlines() if not l.startswith("%"))
+    assert body.count(r"\begin{tabular}{lrrrr}") == 1 and body.count(r"\toprule") == 1
+    for line in body.splitlines():
+        if line.endswith(r"\\") and not line.startswith(r"\multicolumn"):
+            assert len(re.findall(r"(?<!\\)&", line)) == 4, line
+    assert len(re.findall(r"(?<!\\)\{", body)) == len(re.findall(r"(?<!\\)\}", body))
+    empty = tmp_path / "e"
+    assert main(["significance", f"paths.results={empty}", f"paths.reports={empty}"]) == 0
+    assert "No completed rerun rows" in capsys.readouterr().err
+    assert "No completed rerun rows" in (empty / "significance.md").read_text()
