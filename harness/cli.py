@@ -49,7 +49,13 @@ def cmd_teacher(overrides: List[str]) -> int:
 
 
 def cmd_sweep(overrides: List[str]) -> int:
-    cfg = load_config(overrides)
+    dry_run = "--dry-run" in overrides
+    cfg = load_config([o for o in overrides if o != "--dry-run"])
+    if dry_run:
+        from harness.sweep.plan import describe
+
+        print(describe(cfg))
+        return 0
     from harness.sweep.runner import SweepError, run_sweep
 
     try:
@@ -67,6 +73,12 @@ def cmd_config(overrides: List[str]) -> int:
     print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
     print(f"# run hash: {run_hash(cfg)}")
     return 0
+
+
+def cmd_literature(overrides: List[str]) -> int:
+    from harness.tables.literature import cmd_literature as run
+
+    return run(overrides)
 
 
 def cmd_significance(overrides: List[str]) -> int:
@@ -87,22 +99,53 @@ def cmd_energy(overrides: List[str]) -> int:
     return run(overrides)
 
 
+def cmd_report(overrides: List[str]) -> int:
+    from harness.tables.plots import run_report
+
+    return run_report(overrides)
+
+
+def cmd_show(overrides: List[str]) -> int:
+    from harness.tables.show import main as run
+
+    return run(overrides)
+
+
+def cmd_reproduce(args: List[str]) -> int:
+    from harness.reproduce import main as run
+
+    return run(args)
+
+
 COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "sweep": (cmd_sweep, "the fair tuning protocol (sweeps/<protocol>.yaml) for the student-only and the "
-                         "distilled arm on Ray Tune + Optuna; resumes where a killed sweep stopped"),
+                         "distilled arm on Ray Tune + Optuna; resumes where a killed sweep stopped; "
+                         "--dry-run prints the plan and a GPU-hour estimate"),
     "train": (cmd_train, "one training run on the configured data (student-only, or distilled with "
                          "+method=NAME); prints mIoU and stores a record"),
     "teacher": (cmd_teacher, "train the configured teacher, or find it in the cache; prints its val mIoU"),
     "config": (cmd_config, "print the resolved configuration and its run hash, run nothing"),
+    "energy": (cmd_energy, "reports/energy.md: training energy and CO2 per arm, inference per 10,000 images "
+                           "(measured now), break-even images (paper 003 Table 8)"),
+    "report": (cmd_report, "regenerate the leaderboard, significance, literature and energy reports and the "
+                           "figures (optimisation history, response curves, seeds, Pareto, teacher entropy)"),
+    "show": (cmd_show, "reports/show_*.png: input, ground truth, teacher, tuned student-only and distilled "
+                       "predictions in the dataset's palette; filters dataset= student= teacher= +method="),
+    "reproduce": (cmd_reproduce, "reproduce <row-id> [--seed N]: re-run the configuration behind a leaderboard "
+                                 "row and compare with the stored value"),
     "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "
                                      "bootstrap CI, Holm-corrected p, energy, params/FLOPs/latency; filters "
                                      "dataset= student= teacher= budget= +method= test=welch|mann-whitney"),
     "significance": (cmd_significance, "reports/significance.{md,tex}: method x method differences with bootstrap "
                                        "CIs, Holm-adjusted Welch and Mann-Whitney p-values, seeds below "
                                        "report.min_seeds marked"),
-    "energy": (cmd_energy, "reports/energy.md: training energy and CO2 per arm, inference per 10,000 images "
-                           "(measured now), break-even images (paper 003 Table 8)"),
+    "literature": (cmd_literature, "results/literature.md: published student-only and distilled mIoU (paper 003 "
+                                   "Table 1, the seed papers' tables) next to our tuned lift and the lift inflation"),
 }
+
+
+OWN_ARGUMENTS = ("reproduce",)  # commands that parse their own positional arguments and --options
+FLAGS = {"sweep": ("--dry-run",)}  # the --options other commands accept besides Hydra overrides
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -118,8 +161,8 @@ def main(argv: List[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in overrides):
             print(command_help(command))
             return 0
-        flags = [a for a in overrides if a.startswith("-")]
-        if flags:
+        flags = [a for a in overrides if a.startswith("-") and a not in FLAGS.get(command, ())]
+        if flags and command not in OWN_ARGUMENTS:
             raise UsageError(f"unknown option {flags[0]}; '{command}' takes only Hydra overrides "
                              f"such as optim.lr=0.02, student=deeplabv3_mobilenetv2 or +method=kd")
         return COMMANDS[command][0](overrides)

@@ -276,3 +276,31 @@ def test_ctrl_c_stops_the_sweep_and_shuts_ray_down(tiny, tmp_path):
             break
         time.sleep(0.5)
     assert _ray_processes(temp) == []
+
+
+def test_dry_run_prints_the_plan_and_an_estimate_and_writes_nothing(tmp_path, capsys):
+    results = tmp_path / "results"
+    code = main(["sweep", "+method=[cwd,gskd]", "budget=paper", "student=pspnet_resnet18",
+                 "teacher=deeplabv3_resnet101", "sweep.gpus_per_trial=0.5", "sweep.max_concurrent_trials=4",
+                 f"paths.results={results}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and not results.exists()
+    assert "40000 iterations, batch 16, crop 512x512" in out
+    # the runner's own expansion: one temperature sub-stage per method, each a 4-point grid
+    assert "temperature[method.cwd.tau]" in out and "temperature[method.gskd.tau]" in out
+    stage_lines = [l for l in out.splitlines() if l.startswith("  lr_wd") or l.startswith("  reruns")]
+    assert len(stage_lines) == 4 and all(" 6  " in l or " 5  " in l for l in stage_lines)
+    assert "4 concurrent trials x (1 CPU, 0.5 GPU)" in out
+    assert "GPU-hours at 100 TFLOP/s" in out and "h wall with 2 GPUs busy" in out
+
+
+def test_dry_run_estimate_scales_with_iterations(tmp_path):
+    from harness.sweep.plan import estimate, plan
+
+    cfg = load_config(["+method=kd", "sweep.gpus_per_trial=1", f"paths.results={tmp_path}"])
+    longer = load_config(["+method=kd", "sweep.gpus_per_trial=1", "budget.iterations=1200", f"paths.results={tmp_path}"])
+    a, b = estimate(cfg, plan(cfg)), estimate(longer, plan(longer))
+    train = lambda e: e["total_flops"] - e["teacher_training_flops"]  # noqa: E731
+    assert a["flops_per_iteration"]["distilled"] > a["flops_per_iteration"]["student-only"] > 0
+    assert b["teacher_training_flops"] == a["teacher_training_flops"]
+    assert train(b) > 1.9 * train(a) - 1e9   # twice the iterations, twice the training (evaluations aside)

@@ -1,0 +1,168 @@
+"""What a sweep would run, without running it: `python -m harness sweep ... --dry-run`.
+
+The plan is computed by the same code the runner uses (`prepare`, `expand_space`, `make_unit`), so
+the stages, search spaces, trial counts and resources printed are the ones a real run would use.
+Trials already in the results database are not subtracted (the plan is of the whole protocol).
+
+Cost estimate. Training FLOPs of one iteration = batch x (3 x student forward [forward + backward]
++ teacher forward [distilled arm]); evaluation FLOPs = evaluations x images x student forward at
+the evaluation size. Forward FLOPs are counted by `torch.utils.flop_counter` on the meta device (no
+memory, no weights) at the crop size. Time = FLOPs / `sweep.estimate_tflops` (the EFFECTIVE
+training throughput of one GPU: measure yours, e.g. with `python -m harness train` on one GPU, and
+set it; the default 100 TFLOP/s is a round figure for bf16 convolutional training on an H100-class
+GPU, well below its peak). GPU-hours count every trial to its last iteration (ASHA only makes the
+real number smaller) and the teacher's training when no checkpoint is given. Distillation terms'
+own FLOPs are not counted (benchmarks/method_cost.py measures them: most are a few percent of a
+step). Without GPUs (`sweep.gpus_per_trial: 0`) the same FLOPs are shown as CPU work.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from harness.config import methods_of
+from harness.sweep.protocol import expand_space
+from harness.sweep.runner import arm_config, make_unit, prepare
+
+
+def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Stages x arms with their spaces and trial counts (the runner's own `make_unit`)."""
+    protocol, ids = prepare(cfg)
+    stages: List[Dict[str, Any]] = []
+    for stage in protocol.stages:
+        for arm in stage.arms:
+            base = arm_config(cfg, arm)
+            if stage.search == "combine":
+                stages.append({"stage": stage.name, "arm": arm, "search": "combine", "space": {},
+                               "trials": 1, "split": stage.split, "inherits": stage.inherits,
+                               "note": "at most 1 trial: the isolated winners together, run only when they "
+                                       "differ from the best single change"})
+                continue
+            space = expand_space(stage.space, base)
+            if stage.search != "rerun" and not space:
+                stages.append({"stage": stage.name, "arm": arm, "search": stage.search, "space": {}, "trials": 0,
+                               "split": stage.split, "inherits": stage.inherits,
+                               "note": "nothing to search for this arm; winners carried over"})
+                continue
+            groups = [{p: d} for p, d in space.items()] if stage.each else [space]
+            for group in groups:
+                name = f"{stage.name}[{next(iter(group))}]" if stage.each else stage.name
+                unit = make_unit(cfg, protocol, stage, arm, ids[arm], name, base, {}, {}, group)
+                stages.append({"stage": name, "arm": arm, "search": stage.search, "space": group,
+                               "trials": len(unit.points) if unit.points else unit.trials, "split": stage.split,
+                               "inherits": stage.inherits, "early_stopping": stage.early_stopping,
+                               "note": ""})
+    return {"protocol": protocol.name, "arm_ids": ids, "stages": stages}
+
+
+def forward_flops(model_cfg: Dict[str, Any], num_classes: int, size, batch: int = 1) -> float:
+    """FLOPs of one forward pass (eval mode), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.models import build_segmenter
+
+    with torch.device("meta"):
+        model = build_segmenter(model_cfg, num_classes).eval()
+        x = torch.empty(batch, 3, int(size[0]), int(size[1]))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return float(counter.get_total_flops())
+
+
+def _eval_images(cfg: Dict[str, Any], split: str) -> Optional[int]:
+    cap = cfg["budget"]["max_eval_images"]
+    known = (cfg["dataset"].get("sizes") or {}).get(split) or (cfg["dataset"].get("split_sizes") or {}).get(split)
+    if cap and known:
+        return min(cap, known)
+    return cap or known
+
+
+def _eval_size(cfg: Dict[str, Any]):
+    d = cfg["dataset"]
+    for key in ("eval_size", "image_size"):
+        if d.get(key):
+            v = d[key]
+            return (v, v) if isinstance(v, int) else tuple(v)
+    return tuple(cfg["budget"]["crop_size"])
+
+
+def estimate(cfg: Dict[str, Any], the_plan: Dict[str, Any]) -> Dict[str, Any]:
+    b, k = cfg["budget"], cfg["dataset"]["num_classes"]
+    crop = b["crop_size"]
+    student = forward_flops(cfg["student"], k, crop)
+    teacher = forward_flops(cfg["teacher"], k, crop)
+    eval_size = _eval_size(cfg)
+    student_eval = forward_flops(cfg["student"], k, eval_size)
+    evaluations = -(-b["iterations"] // b["eval_interval"])
+    per_iter = {"student-only": b["batch_size"] * 3 * student,
+                "distilled": b["batch_size"] * (3 * student + teacher)}
+    rows, total_flops = [], 0.0
+    for s in the_plan["stages"]:
+        split = "val" if s["search"] == "rerun" else s["split"]
+        images = _eval_images(cfg, split)
+        evals = evaluations * images * student_eval if images else 0.0
+        flops = s["trials"] * (b["iterations"] * per_iter[s["arm"]] + evals)
+        rows.append({**s, "flops": flops, "eval_images": images})
+        total_flops += flops
+    teacher_flops = 0.0
+    if not cfg["teacher"].get("checkpoint"):
+        teacher_flops = b["teacher_iterations"] * b["teacher_batch_size"] * 3 * teacher
+    tflops = float(cfg["sweep"]["estimate_tflops"])
+    hours = (total_flops + teacher_flops) / (tflops * 1e12) / 3600
+    sweep = cfg["sweep"]
+    gpus_busy = sweep["max_concurrent_trials"] * sweep["gpus_per_trial"]
+    return {"student_forward_flops": student, "teacher_forward_flops": teacher, "eval_size": eval_size,
+            "flops_per_iteration": per_iter, "rows": rows, "teacher_training_flops": teacher_flops,
+            "total_flops": total_flops + teacher_flops, "gpu_hours": hours, "tflops": tflops,
+            "wall_hours": hours / gpus_busy if gpus_busy else None, "gpus_busy": gpus_busy}
+
+
+def _space_text(space: Dict[str, Dict[str, Any]]) -> str:
+    parts = []
+    for path, dist in space.items():
+        if "grid" in dist:
+            parts.append(f"{path} in {dist['grid']}")
+        elif "choice" in dist:
+            parts.append(f"{path} in {dist['choice']}")
+        else:
+            kind = next((k for k in ("loguniform", "uniform") if k in dist), "?")
+            parts.append(f"{path} ~ {kind}{dist.get(kind)}")
+    return "; ".join(parts) or "-"
+
+
+def describe(cfg: Dict[str, Any]) -> str:
+    p = plan(cfg)
+    e = estimate(cfg, p)
+    b, d, s = cfg["budget"], cfg["dataset"], cfg["sweep"]
+    lines = [
+        f"dry run: sweep '{p['protocol']}' for {'+'.join(methods_of(cfg))} (nothing is run or written)",
+        f"  data     {d['name']} ({d['num_classes']} classes), train on '{cfg['train_split']}', choose on "
+        f"'tune', report reruns on 'val'",
+        f"  student  {cfg['student']['name']} ({e['student_forward_flops'] / 1e9:.1f} GFLOPs forward at "
+        f"{b['crop_size'][0]}x{b['crop_size'][1]})",
+        f"  teacher  {cfg['teacher']['name']} ({e['teacher_forward_flops'] / 1e9:.1f} GFLOPs forward; "
+        + (f"checkpoint {cfg['teacher']['checkpoint']})" if cfg["teacher"].get("checkpoint")
+           else f"trained first: {b['teacher_iterations']} iterations, batch {b['teacher_batch_size']})"),
+        f"  budget   {b['name']}: {b['iterations']} iterations, batch {b['batch_size']}, crop "
+        f"{b['crop_size'][0]}x{b['crop_size'][1]}, random scale {b['scale_range'][0]}-{b['scale_range'][1]}, "
+        f"flip {'on' if b['flip'] else 'off'}, poly lr (power {cfg['optim']['poly_power']}), evaluation every "
+        f"{b['eval_interval']} at {e['eval_size'][0]}x{e['eval_size'][1]}",
+        f"  optim    sgd lr {cfg['optim']['lr']}, momentum {cfg['optim']['momentum']}, wd "
+        f"{cfg['optim']['weight_decay']}; precision {cfg['precision']}",
+        f"  ray      {s['ray']['address'] or 'local'}; {s['max_concurrent_trials']} concurrent trials x "
+        f"({s['cpus_per_trial']} CPU, {s['gpus_per_trial']:g} GPU); retries {s['max_failures']}",
+        "",
+        "  stage                          arm           search   trials  space",
+    ]
+    for r in e["rows"]:
+        lines.append(f"  {r['stage']:<30} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
+                     f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
+    trials = sum(r["trials"] for r in e["rows"])
+    lines += ["", f"  {trials} trials in all (upper bound: ASHA stops some early), "
+                  f"{e['total_flops'] / 1e15:.1f} PFLOPs incl. teacher training and evaluation"]
+    unit = "GPU-hours" if s["gpus_per_trial"] else "accelerator-hours equivalent (this sweep asks for no GPU)"
+    lines.append(f"  estimate: {e['gpu_hours']:.3g} {unit} at {e['tflops']:g} TFLOP/s effective per GPU "
+                 f"(sweep.estimate_tflops)" + (f"; ~{e['wall_hours']:.1f} h wall with {e['gpus_busy']:g} GPUs busy"
+                                                if e["wall_hours"] else ""))
+    return "\n".join(lines)
