@@ -4,25 +4,21 @@ from __future__ import annotations
 from typing import Dict, List
 
 from harness.methods.base import Batch, Method, MethodContext, Progress
-from harness.methods.brd import BRD
 from harness.methods.cirkd import CIRKD
 from harness.methods.cwd import ChannelWiseKD
 from harness.methods.dist import DIST
 from harness.methods.gskd import GSKD
 from harness.methods.ifvd import IFVD
 from harness.methods.kd import PixelKD
-from harness.methods.skd import SKD
 
 # One line per method; keep the list sorted by file name.
 _ALL = (
-    BRD,
     CIRKD,
     ChannelWiseKD,
     DIST,
     GSKD,
     IFVD,
     PixelKD,
-    SKD,
 )
 METHODS: Dict[str, type] = {m.name: m for m in _ALL}
 
