@@ -360,3 +360,89 @@ def test_significance_cli_files_and_empty(tmp_path, store, cfg, capsys):
     assert main(["significance", f"paths.results={empty}", f"paths.reports={empty}"]) == 0
     assert "No completed rerun rows" in capsys.readouterr().err
     assert "No completed rerun rows" in (empty / "significance.md").read_text()
+
+
+# ---------------------------------------------------------------------------------- literature
+# paper 003, Table 1 as printed: method -> (ADE20K S only, +T, Cityscapes S only, +T); None = "-"
+TABLE1_003 = {"skd": (33.82, 36.55, 69.10, 72.67), "ifvd": (None, None, 69.10, 74.54), "cwd": (24.65, 26.80, 70.09, 75.90),
+              "dsd": (33.80, 38.00, 69.42, 73.20), "mgd": (None, None, 69.85, 74.10), "idd": (24.65, 27.69, 70.09, 77.59),
+              "fakd": (29.42, 35.30, 68.99, 74.75), "sstkd": (24.65, 29.19, 69.10, 75.15),
+              "apd": (37.19, 39.25, 74.15, 75.68), "cirkd": (None, None, 72.55, 74.73)}
+
+
+def test_literature_data_file_holds_paper_003_table_1_and_the_seed_papers():
+    from harness.tables import literature
+
+    entries = literature.load_entries()
+    t1 = {(e["method"], e["dataset"]): (e["student_only"], e["distilled"]) for e in entries
+          if e["paper"] == "003" and e["table"] == "1"}
+    expected = {}
+    for m, (a_s, a_t, c_s, c_t) in TABLE1_003.items():
+        if a_s is not None:
+            expected[(m, "ade20k")] = (a_s, a_t)
+        expected[(m, "cityscapes")] = (c_s, c_t)
+    assert t1 == expected
+    assert {e["paper"] for e in entries} == {"000", "001", "002", "003", "004"}
+    tuned = [e for e in entries if e["paper"] == "003" and e["table"] == "6" and e["dataset"] == "cityscapes"
+             and e["student"] == "PSPNet-ResNet18"][0]
+    assert (tuned["student_only"], tuned["student_only_std"], tuned["distilled"], tuned["distilled_std"]) == (70.45, 0.10, 72.75, 0.29)
+    assert tuned["published_lift"] == pytest.approx(2.30) and tuned["method"] == "kd" and tuned["tuned_baseline"]
+    gskd = [e for e in entries if e["paper"] == "000" and e["table"] == "1" and e["method"] == "cwd+gskd"]
+    assert [(e["student"], e["distilled"]) for e in gskd] == [
+        ("DeepLabV3-ResNet18", 76.93), ("DeepLabV3-MobileNetV2", 75.14), ("PSPNet-ResNet18", 75.86)]
+    for e in entries:
+        assert e["published_lift"] == pytest.approx(e["distilled"] - e["student_only"])
+        assert e["method"] == common.method_label(e["method"])
+
+
+def test_literature_rejects_a_broken_entry(tmp_path):
+    from harness.tables import literature
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entries:\n  - {paper: '003', table: '1', dataset: x, student: s, teacher: t, method: kd, student_only: 60}\n")
+    with pytest.raises(ValueError, match="lacks distilled"):
+        literature.load_entries(bad)
+    bad.write_text("entries:\n  - {paper: '003', table: '1', dataset: x, student: s, teacher: t, method: kd, "
+                   "student_only: 0.6, distilled: 720}\n")
+    with pytest.raises(ValueError, match="not an mIoU"):
+        literature.load_entries(bad)
+
+
+def test_literature_lift_inflation_from_our_rows(store, cfg, tmp_path, capsys):
+    from harness.tables import literature
+
+    data = tmp_path / "lit.yaml"
+    data.write_text("entries:\n"
+                    "  - {paper: '003', table: '1', dataset: cityscapes, student: s, teacher: t, method: cwd, student_only: 70.09, distilled: 75.90}\n"
+                    "  - {paper: '000', table: '1', dataset: synthetic, student: s, teacher: t, method: 'gskd + cwd', student_only: 72.55, distilled: 75.86}\n"
+                    "  - {paper: '003', table: '1', dataset: cityscapes, student: s, teacher: t, method: apd, student_only: 74.15, distilled: 75.68}\n")
+    c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(tmp_path / "out")}}
+    md = literature.write(c, quiet=True, data_file=data).read_text()
+    ours = {lbl: 100 * (statistics.fmean(VALUES[lbl]) - statistics.fmean(VALUES["student-only"])) for lbl in ("cwd", "cwd,gskd")}
+    cwd_line = next(l for l in md.splitlines() if "| cwd " in l and "cityscapes" in l)
+    assert f"{ours['cwd']:+.2f} [" in cwd_line and f"{5.81 - ours['cwd']:+.2f}" in cwd_line and "synthetic/quick" in cwd_line
+    combo = next(l for l in md.splitlines() if "| cwd+gskd " in l and "| synthetic " in l)
+    assert f"{3.31 - ours['cwd,gskd']:+.2f}" in combo
+    apd = next(l for l in md.splitlines() if "| apd " in l)
+    assert apd.count("n/a") == 2    # no comparison of ours: our lift and inflation say so
+    assert "Source: our lifts" in md and "## Our tuned lifts" in md
+    # the same-dataset comparison wins over one with more seeds elsewhere
+    s = ResultsStore(tmp_path / "two.db")
+    add_arm(s, cfg, "student-only", [0.5, 0.5, 0.51, 0.5, 0.52])
+    add_arm(s, cfg, "cwd", [0.6, 0.61, 0.6, 0.62, 0.6])
+    lifts = literature.our_lifts(s, n_resamples=199)
+    entry = {"method": "cwd", "dataset": "synthetic"}
+    assert literature.match(entry, lifts).block.dataset == "synthetic"
+    assert literature.match({"method": "kd", "dataset": "synthetic"}, lifts) is None
+
+
+def test_literature_cli_without_database(tmp_path, capsys):
+    from harness.cli import main
+
+    out = tmp_path / "r"
+    assert main(["literature", f"paths.results={out}", "dataset=cityscapes", "+method=cwd"]) == 0
+    captured = capsys.readouterr()
+    assert "no tuned comparison" in captured.err
+    md = (out / "literature.md").read_text()
+    assert "No tuned comparison in the results database yet" in md and "| cityscapes" in md
+    assert "| ade20k" not in md and "| skd" not in md

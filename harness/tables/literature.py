@@ -1,0 +1,185 @@
+"""Published lifts next to ours: ``python -m harness literature [dataset=... +method=...]``.
+
+Prints and writes ``results/literature.md``: every entry of ``literature.yaml`` (the published
+student-only and distilled mIoU of paper 003's Table 1 and of the seed papers' tables, with paper
+and table), its **published lift** (distilled - student-only, as printed), and, where the results
+database has a tuned comparison for the same method (label as the leaderboard writes it, e.g.
+``cwd+gskd``), **our lift** over the tuned student-only arm (mean of the rerun seeds, 95% bootstrap
+CI) and the **lift inflation** = published lift - our lift.
+
+Which of our comparisons stands next to a published row: the block (dataset, student, teacher,
+budget) with the same method on the same dataset if there is one, otherwise the block with the
+most seeds for that method on any dataset; the setting is printed next to the number, because a
+lift on the embedded synthetic data and a published Cityscapes lift are different experiments.
+The inflation is therefore "how much larger the published lift is than what a tuned baseline
+gives this method in our setting", not a claim about the published setting.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from harness import stats
+from harness.tables.common import (MISSING, STUDENT_ONLY, Block, load_blocks, markdown_table, method_label,
+                                   source_lines)
+
+DATA_FILE = Path(__file__).with_name("literature.yaml")
+REQUIRED = ("paper", "table", "dataset", "student", "teacher", "method", "student_only", "distilled")
+PAPERS = {
+    "000": "Park et al.: Global Structural Knowledge Distillation for Semantic Segmentation (GSKD), IEEE Access 2025",
+    "001": "Yang et al.: Cross-Image Relational Knowledge Distillation for Semantic Segmentation (CIRKD), CVPR 2022",
+    "002": "Zhang et al.: Boundary and Relation Distillation for Semantic Segmentation (BRD)",
+    "003": "Niemann, Vox, Werner: Towards Comparable Knowledge Distillation in Semantic Image Segmentation",
+    "004": "Huang et al.: Distilling Knowledge from Heterogeneous Architectures for Semantic Segmentation (HeteroAKD)",
+}
+
+
+@dataclass
+class Ours:
+    block: Block
+    label: str
+    lift: float                    # percentage points
+    ci: stats.Interval
+    n: int
+    n_base: int
+
+    @property
+    def setting(self) -> str:
+        b = self.block
+        return f"{b.dataset}, {b.student} <- {b.teacher}, {b.budget}, n={self.n}/{self.n_base}"
+
+    def cell(self) -> str:
+        if self.ci.available:
+            return f"{self.lift:+.2f} [{100 * self.ci.low:+.2f}, {100 * self.ci.high:+.2f}]"
+        return f"{self.lift:+.2f} [{MISSING}]"
+
+
+def load_entries(path: Path | str = DATA_FILE) -> List[Dict[str, Any]]:
+    """The published numbers, checked: every entry has the required keys and numbers."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    entries = data.get("entries") or []
+    for i, e in enumerate(entries):
+        missing = [k for k in REQUIRED if e.get(k) is None]
+        if missing:
+            raise ValueError(f"{path}: entry {i} ({e.get('paper')}/{e.get('table')}) lacks {', '.join(missing)}")
+        for k in ("student_only", "distilled"):
+            if not isinstance(e[k], (int, float)) or not 0 <= e[k] <= 100:
+                raise ValueError(f"{path}: entry {i}: {k} = {e[k]!r} is not an mIoU in percent")
+        e["method"] = method_label(e["method"])
+        e["published_lift"] = round(float(e["distilled"]) - float(e["student_only"]), 6)
+    return entries
+
+
+def our_lifts(store, seed: int = 0, n_resamples: int = 9999) -> Dict[str, List[Ours]]:
+    """method label -> our tuned comparisons of it (one per block that has it and a student-only arm)."""
+    out: Dict[str, List[Ours]] = {}
+    for block in load_blocks(store):
+        base = block.baseline
+        if base is None:
+            continue
+        for label, arm in block.arms.items():
+            if label == STUDENT_ONLY or not arm.n or not base.n:
+                continue
+            ci = stats.bootstrap_diff(arm.values, base.values, seed=seed, n_resamples=n_resamples)
+            out.setdefault(label, []).append(Ours(block, label, 100 * ci.diff, ci, arm.n, base.n))
+    return out
+
+
+def match(entry: Dict[str, Any], ours: Dict[str, List[Ours]]) -> Optional[Ours]:
+    candidates = ours.get(entry["method"], [])
+    if not candidates:
+        return None
+    same = [o for o in candidates if o.block.dataset == entry["dataset"]]
+    return max(same or candidates, key=lambda o: (o.n, o.n_base, o.block.budget or ""))
+
+
+def _num(v: Optional[float], std: Optional[float] = None) -> str:
+    if v is None:
+        return MISSING
+    return f"{v:.2f}" + (f" +- {std:.2f}" if std is not None else "")
+
+
+def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], source: Sequence[str],
+                filters: str = "none") -> str:
+    lines = ["# Published lifts next to ours", "",
+             "Published: the student-only (S only) and distilled (+T) mIoU (%) as printed, and their difference. "
+             "Ours: the lift of the same method over our tuned student-only arm (mean of the rerun seeds, 95% "
+             "bootstrap CI; setting = dataset, student <- teacher, budget, seeds distilled/student-only). "
+             "Inflation = published lift - our lift. (k Ls): k loss terms besides CE (paper 003, Table 1); (tuned S): "
+             "the student-only arm was tuned; (re-run): the authors re-ran the method. "
+             "Data: harness/tables/literature.yaml.", ""]
+    lines += ["## Our tuned lifts", ""]
+    if ours:
+        rows = [[o.label, o.setting, o.cell()] for label in sorted(ours) for o in ours[label]]
+        lines += markdown_table(["method", "our setting", "lift [95% CI]"], rows, "llr")
+    else:
+        lines.append("No tuned comparison in the results database yet (a method needs rerun rows of both arms): "
+                     "run python -m harness sweep +method=NAME; the published numbers below stand alone.")
+    lines.append("")
+    by_table: Dict[tuple, List[Dict[str, Any]]] = {}
+    for e in entries:
+        by_table.setdefault((e["paper"], str(e["table"])), []).append(e)
+    for (paper, table), rows in by_table.items():
+        lines += [f"## Paper {paper}, Table {table}", "", f"{PAPERS.get(paper, paper)}", ""]
+        body = []
+        for e in rows:
+            o = match(e, ours)
+            flags = "".join([f" ({e['loss_terms']} Ls)" if e.get("loss_terms") else "",
+                             " (tuned S)" if e.get("tuned_baseline") else "",
+                             " (re-run)" if e.get("reproduced_by_authors") else ""])
+            body.append([e["dataset"], e["student"], e["teacher"], f"{e['method']}{flags}",
+                         _num(e["student_only"], e.get("student_only_std")), _num(e["distilled"], e.get("distilled_std")),
+                         f"{e['published_lift']:+.2f}", o.cell() if o else MISSING,
+                         f"{e['published_lift'] - o.lift:+.2f}" if o else MISSING,
+                         f"{o.block.dataset}/{o.block.budget}, n={o.n}" if o else ""])
+        lines += markdown_table(["dataset", "student", "teacher", "method", "S only", "+T", "pub. lift",
+                                 "our lift [95% CI]", "inflation", "ours from"], body, "llllrrrrrl")
+        notes = [f"{e['method']} ({e['dataset']}, {e['student']}): {e['note']}" for e in rows if e.get("note")]
+        if notes:
+            lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)]
+        lines.append("")
+    if not entries:
+        lines += [f"No published entries match the filters ({filters}).", ""]
+    lines += ["---", ""] + [f"{s}  " for s in source] + [f"Filters: {filters}; published data: {DATA_FILE.name}  "]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, quiet: bool = False,
+          data_file: Path | str = DATA_FILE) -> Path:
+    from harness.store import ResultsStore
+
+    filters = dict(filters or {})
+    entries = load_entries(data_file)
+    methods = filters.get("method")
+    if filters.get("dataset"):
+        entries = [e for e in entries if e["dataset"] == filters["dataset"]]
+    if methods:
+        entries = [e for e in entries if e["method"] in {method_label(m) for m in methods}]
+    store = ResultsStore(cfg["store"]["url"])
+    ours = our_lifts(store)
+    rows = [r for lst in ours.values() for o in lst for r in (o.block.arms[o.label].rows + o.block.baseline.rows)]
+    unique = list({r["run_id"]: r for r in rows}.values())
+    shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "none"
+    md = to_markdown(entries, ours, source_lines(store.url, unique, what="our lifts"), shown)
+    out = Path(cfg["paths"]["results"]) / "literature.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    if not quiet:
+        print(md)
+        print(f"wrote {out}")
+    if not ours:
+        print(f"no tuned comparison in {store.url} yet: only the published numbers are listed", file=sys.stderr)
+    return out
+
+
+def cmd_literature(overrides: List[str]) -> int:
+    from harness.config import load_config
+    from harness.tables.leaderboard import split_filters
+
+    filters, rest = split_filters(overrides)
+    write(load_config(rest), filters)
+    return 0
