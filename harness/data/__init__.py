@@ -12,11 +12,19 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from .ade20k import ADE20K
+from .camvid import CamVid
+from .cityscapes import Cityscapes
 from .synthetic import SyntheticStreets
 from .transforms import SegTransform
+from .voc import VOC
 
 DATASETS: dict[str, type] = {
     "synthetic": SyntheticStreets,
+    "cityscapes": Cityscapes,
+    "voc": VOC,
+    "ade20k": ADE20K,
+    "camvid": CamVid,
 }
 
 
@@ -39,11 +47,18 @@ def build_dataset(cfg: dict, split: str, augment: dict | None = None, cache_dir:
 
 
 def check_config(cfg: dict) -> None:
-    """Raise ValueError when a dataset config cannot describe its dataset (checked before any work)."""
+    """Raise ValueError when a dataset config cannot describe its dataset (checked before any work).
+
+    Datasets read from disk also check their values and that ``root`` has the expected layout
+    (``ConfigError``, a ValueError, naming the expected sub-folders).
+    """
     name = cfg.get("name")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     _check_classes(name, cfg, getattr(DATASETS[name], "CLASS_NAMES", None))
+    own_check = getattr(DATASETS[name], "check_config", None)
+    if own_check is not None:
+        own_check(cfg)
 
 
 def _check_classes(name: str, cfg: dict, class_names) -> None:
@@ -61,4 +76,5 @@ def _check_classes(name: str, cfg: dict, class_names) -> None:
         )
 
 
-__all__ = ["DATASETS", "SegTransform", "SyntheticStreets", "build_dataset", "check_config"]
+__all__ = ["ADE20K", "DATASETS", "VOC", "CamVid", "Cityscapes", "SegTransform", "SyntheticStreets", "build_dataset",
+           "check_config"]

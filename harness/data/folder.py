@@ -1,0 +1,416 @@
+"""Shared machinery of the datasets read from disk (``cityscapes``, ``voc``, ``ade20k``, ``camvid``).
+
+Each dataset is a subclass of :class:`FolderDataset` that says three things: where its files are
+(:meth:`~FolderDataset.list_source`, which pairs images with label files for one of the dataset's
+own folders/lists), how raw label ids become train ids (:attr:`~FolderDataset.LABEL_MAP`, a
+256-entry lookup table, 255 = ignore), and what the expected on-disk layout is
+(:attr:`~FolderDataset.LAYOUT`, quoted in every error).  Nothing is ever downloaded: ``dataset.root``
+must point at a copy the user already has.
+
+Splits
+------
+``train`` and ``val`` come from the dataset's own split folders or lists.  ``tune`` is carved out
+of the training list, deterministically: every training item gets the rank of
+``sha1("<tune_seed>/<key>")`` (``key`` = its path relative to the split folder, without extension),
+and the ``tune_size`` items of lowest rank are ``tune``; ``train`` is the rest.  So ``train`` and
+``tune`` are disjoint and together are the whole training list; they do not depend on the order the
+file system lists files in, and adding or removing other files moves an item only if its rank is
+pushed past ``tune_size``.  ``tune_size`` is ``dataset.tune_size`` (a count) when set, else
+``max(1, round(tune_fraction * N_train))``; at least one image stays in ``train``.
+
+Labels
+------
+Label PNGs are read as single-channel ids (mode ``L``, ``P`` = palette indices, or 16-bit ``I``),
+mapped through ``LABEL_MAP`` (ids >= 256 -> ignore) to train ids ``0..K-1`` and 255 = ignore;
+``ignore_index`` other than 255 is written into the int64 mask afterwards.  An RGB label image (a
+colour rendering instead of the id map) is refused with an error naming the file.
+
+Training items
+--------------
+``augment`` given: :class:`~harness.data.transforms.SegTransform` on the image at its native size
+(normalise, random scale, pad with ignore, random crop, flip), exactly as for ``synthetic``.
+
+Evaluation items (``augment=None``): ``dataset.eval_mode``
+------------------------------------------------------------
+:func:`harness.engine.evaluate.evaluate` stacks ``budget.eval_batch_size`` items into one tensor,
+so every item of an evaluation batch must have the same size.  Three policies:
+
+* ``whole`` -- the image and its labels at their native size, untouched (the CIRKD protocol:
+  Cityscapes val at 1024 x 2048, CamVid at 360 x 480).  Only for splits whose images all have one
+  size: this is checked when the split is opened (image headers only), and a split of mixed sizes
+  is a ``ConfigError`` that names two sizes and points to ``pad``.  ``eval_size`` is not used.
+* ``pad`` -- for splits of varying sizes (VOC, ADE20K).  An image that fits inside ``eval_size``
+  keeps its native size and labels, so its pixels are scored exactly as in whole-image evaluation;
+  it is padded at the bottom/right to ``eval_size`` with 0 (= the mean colour after normalisation)
+  and the padded labels are ``ignore``, so padding is never scored.  The network does see the padded
+  border as extra context (as in CIRKD's training crops).  An image larger than ``eval_size`` is
+  first scaled down, aspect ratio kept, until it fits (image bilinear, labels nearest), so its
+  labels are scored at that reduced size.  Choose ``eval_size`` >= the largest image for exact
+  native-resolution scoring.
+* ``resize`` -- image (bilinear) and labels (nearest) resized to exactly ``eval_size``, aspect
+  ratio not kept (the ``_val_sync_transform_resize`` convention of some KD code bases); scores are
+  on the resized labels.
+
+Resizing uses ``align_corners=False`` bilinear / ``nearest-exact``, without anti-aliasing, like the
+training augmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from harness.config import ConfigError
+
+from .transforms import SegTransform, normalize, pad_to, to_tensors
+
+IGNORE = 255
+EVAL_MODES = ("whole", "pad", "resize")
+# Bump when the label mapping or the tune carving changes: part of the class-frequency cache key.
+FOLDER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label file; ``key`` names it (relative path without extension)."""
+
+    key: str
+    image: str
+    label: str
+
+
+def label_map(pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A 256-entry uint8 lookup table: ``raw id -> train id``, every id not listed -> 255."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for raw, train in pairs:
+        lut[raw] = train
+    return lut
+
+
+def apply_label_map(label: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[label]`` as uint8; ids outside 0..255 (16-bit label files) map to ignore."""
+    label = np.asarray(label)
+    if label.dtype == np.uint8:
+        return lut[label]
+    out = np.full(label.shape, IGNORE, np.uint8)
+    inside = (label >= 0) & (label < 256)
+    out[inside] = lut[label[inside].astype(np.int64)]
+    return out
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 ``H x W x 3`` RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_label_png(path: str) -> np.ndarray:
+    """The stored ids of a single-channel label PNG (palette PNGs: the palette *index*)."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+            raise ValueError(
+                f"label file {path} has image mode {im.mode}; expected single-channel class ids "
+                f"(8-bit grayscale 'L' or palette 'P' PNG), not a colour rendering"
+            )
+        return np.array(im)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` from the file header only."""
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def tune_rank(seed: int, key: str) -> str:
+    return hashlib.sha1(f"{int(seed)}/{key}".encode()).hexdigest()
+
+
+def carve_tune(samples: Sequence[Sample], tune_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """``(train, tune)``: the ``tune_size`` samples of lowest ``sha1(seed/key)`` are ``tune``.
+
+    Both keep the input order (which the datasets make sorted by key).
+    """
+    ranked = sorted(samples, key=lambda s: (tune_rank(seed, s.key), s.key))
+    chosen = {s.key for s in ranked[:tune_size]}
+    return [s for s in samples if s.key not in chosen], [s for s in samples if s.key in chosen]
+
+
+class FolderDataset(Dataset):
+    """A segmentation dataset stored as image + label files; see the module docstring.
+
+    Subclasses set ``NAME``, ``CLASS_NAMES``, ``PALETTE``, ``LABEL_MAP``, ``LAYOUT``,
+    ``SOURCES`` (``{"train": ..., "val": ...}``: which of the dataset's own folders or lists each
+    harness split reads) and implement :meth:`list_source`; optionally :meth:`locate` (which folder
+    under ``root`` holds the dataset), :meth:`required_paths`, :meth:`read_label`.
+    """
+
+    NAME: ClassVar[str] = ""
+    CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
+    PALETTE: ClassVar[tuple[tuple[int, int, int], ...]] = ()
+    LABEL_MAP: ClassVar[np.ndarray]
+    LAYOUT: ClassVar[str] = ""
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "tune", "val")
+    SOURCES: ClassVar[dict[str, str]] = {"train": "train", "val": "val"}
+
+    # ---------------------------------------------------------------------------------- config
+    @classmethod
+    def error(cls, problem: str) -> ConfigError:
+        return ConfigError(f"dataset '{cls.NAME}': {problem}. Expected layout under dataset.root: {cls.LAYOUT}")
+
+    @classmethod
+    def locate(cls, cfg: dict) -> Path:
+        """The folder that holds the dataset (``dataset.root`` itself unless a subclass knows better)."""
+        return Path(cls.root_of(cfg))
+
+    @classmethod
+    def root_of(cls, cfg: dict) -> str:
+        root = cfg.get("root")
+        if not root:
+            raise cls.error("dataset.root is not set; give the folder of your copy (nothing is downloaded), "
+                            f"e.g. python -m harness train dataset={cls.NAME} dataset.root=/data/{cls.NAME}")
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise cls.error(f"dataset.root={root} is not a directory")
+        return str(path)
+
+    @classmethod
+    def required_paths(cls, cfg: dict) -> list[str]:
+        """Paths relative to :meth:`locate` that must exist (folders end with ``/``)."""
+        return []
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Cheap checks before any work: values, and that the layout's folders exist."""
+        mode = cfg.get("eval_mode", "whole")
+        if mode not in EVAL_MODES:
+            raise ConfigError(f"dataset.eval_mode must be one of {', '.join(EVAL_MODES)}, got '{mode}'")
+        for key in ("eval_size", "crop_size"):
+            value = cfg.get(key)
+            if value is not None and (len(value) != 2 or min(int(v) for v in value) < 1):
+                raise ConfigError(f"dataset.{key} must be [height, width] with positive values, got {value}")
+        if mode != "whole" and cfg.get("eval_size") is None:
+            raise ConfigError(f"dataset.eval_mode={mode} needs dataset.eval_size=[height, width]")
+        fraction = float(cfg.get("tune_fraction", 0.1))
+        if not 0 < fraction < 1:
+            raise ConfigError(f"dataset.tune_fraction must be in (0, 1), got {fraction}")
+        if cfg.get("tune_size") is not None and int(cfg["tune_size"]) < 1:
+            raise ConfigError(f"dataset.tune_size must be >= 1 (or null to use tune_fraction), got {cfg['tune_size']}")
+        ignore = int(cfg.get("ignore_index", IGNORE))
+        if 0 <= ignore < len(cls.CLASS_NAMES):
+            raise ConfigError(f"dataset.ignore_index={ignore} collides with a class id (0..{len(cls.CLASS_NAMES) - 1})")
+        for key in ("mean", "std"):
+            if key in cfg and len(cfg[key]) != 3:
+                raise ConfigError(f"dataset.{key} needs 3 values (R, G, B in 0-255 units), got {cfg[key]}")
+        if "std" in cfg and min(float(v) for v in cfg["std"]) <= 0:
+            raise ConfigError(f"dataset.std must be positive, got {cfg['std']}")
+        base = cls.locate(cfg)
+        missing = [p for p in cls.required_paths(cfg) if not (base / p).exists()]
+        if missing:
+            raise cls.error(f"{base} lacks {', '.join(missing)}")
+
+    # ------------------------------------------------------------------------------- listing
+    def list_source(self, source: str) -> list[Sample]:
+        """The samples of one of the dataset's own splits (folder or list), sorted by key."""
+        raise NotImplementedError
+
+    def read_label(self, sample: Sample) -> np.ndarray:
+        """The raw ids of a sample's label file (before :attr:`LABEL_MAP`)."""
+        return read_label_png(sample.label)
+
+    def _pair(self, key: str, image: Path, label: Path) -> Sample:
+        if not label.is_file():
+            raise self.error(f"image {image} has no label file {label}")
+        return Sample(key, str(image), str(label))
+
+    # ---------------------------------------------------------------------------------- build
+    def __init__(self, cfg: dict, split: str, augment: dict | None = None, cache_dir: str | None = None):
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r} for dataset {self.NAME!r}; valid: {', '.join(self.SPLITS)}")
+        self.check_config(cfg)
+        self.cfg = dict(cfg)
+        self.base = self.locate(cfg)
+        self.split = split
+        self.num_classes = len(self.CLASS_NAMES)
+        self.class_names = list(self.CLASS_NAMES)
+        self.palette = [tuple(rgb) for rgb in self.PALETTE]
+        self.ignore_index = int(cfg.get("ignore_index", IGNORE))
+        self.eval_mode = cfg.get("eval_mode", "whole")
+        self.eval_size = None if cfg.get("eval_size") is None else [int(v) for v in cfg["eval_size"]]
+        self.transform = SegTransform(cfg["mean"], cfg["std"], self.ignore_index, augment)
+        self.generator: torch.Generator | None = None  # augmentation RNG; None = torch's global one
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.samples = self._split_samples(split)
+        if not self.samples:
+            raise self.error(f"split '{split}' has no images under {self.base}")
+        if augment is None and self.eval_mode == "whole":
+            self._check_one_size()
+        self._frequencies = None
+
+    def _split_samples(self, split: str) -> list[Sample]:
+        if split in ("train", "tune"):
+            samples = self.list_source(self.SOURCES["train"])
+            n = len(samples)
+            size = self.tune_size(n)
+            if size >= n:
+                raise ConfigError(
+                    f"dataset '{self.NAME}': the tune split ({size} images) would leave nothing of the "
+                    f"{n} training images; lower dataset.tune_size or dataset.tune_fraction"
+                )
+            train, tune = carve_tune(samples, size, int(self.cfg.get("tune_seed", 0)))
+            return train if split == "train" else tune
+        return self.list_source(self.SOURCES.get(split, split))
+
+    def tune_size(self, n_train: int) -> int:
+        if self.cfg.get("tune_size") is not None:
+            return int(self.cfg["tune_size"])
+        return max(1, round(float(self.cfg.get("tune_fraction", 0.1)) * n_train))
+
+    def _check_one_size(self) -> None:
+        first = image_size(self.samples[0].image)
+        for s in self.samples[1:]:
+            size = image_size(s.image)
+            if size != first:
+                raise ConfigError(
+                    f"dataset '{self.NAME}': eval_mode=whole evaluates every image at its native size, but "
+                    f"split '{self.split}' mixes sizes ({self.samples[0].image}: {first[0]}x{first[1]}, "
+                    f"{s.image}: {size[0]}x{size[1]}), which cannot be batched; set dataset.eval_mode=pad "
+                    f"with dataset.eval_size=[H, W] >= the largest image, or eval_mode=resize"
+                )
+
+    # ---------------------------------------------------------------------------------- items
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 image ``H x W x 3`` and uint8 train-id mask ``H x W`` (255 = ignore) of ``index``."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = apply_label_map(self.read_label(sample), self.LABEL_MAP)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(
+                f"dataset '{self.NAME}': image {sample.image} is {image.shape[0]}x{image.shape[1]} but its "
+                f"label {sample.label} is {mask.shape[0]}x{mask.shape[1]}"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.raw(index)
+        mask = torch.from_numpy(mask.astype(np.int64))
+        if self.ignore_index != IGNORE:
+            mask[mask == IGNORE] = self.ignore_index
+        if self.transform.augment is not None:
+            return self.transform(image, mask, self.generator)
+        image, mask = to_tensors(image, mask)
+        image = normalize(image, self.transform.mean, self.transform.std)
+        image, mask = eval_geometry(image, mask, self.eval_mode, self.eval_size, self.ignore_index)
+        return image.contiguous(), mask.contiguous()
+
+    # ------------------------------------------------------------------------------ statistics
+    def class_frequencies(self) -> np.ndarray:
+        """Fraction of the split's labelled pixels in each class (ignore excluded); sums to 1.
+
+        Reads every label file once; with a ``cache_dir`` the counts are kept in a JSON file keyed
+        by the dataset, split and file list.
+        """
+        if self._frequencies is None:
+            counts = self._cached_counts()
+            if counts is None:
+                counts = np.zeros(256, np.int64)
+                for s in self.samples:
+                    counts += np.bincount(apply_label_map(self.read_label(s), self.LABEL_MAP).ravel(), minlength=256)
+                self._store_counts(counts)
+            labelled = np.asarray(counts[: self.num_classes], np.float64)
+            self._frequencies = labelled / max(labelled.sum(), 1.0)
+        return self._frequencies.copy()
+
+    def _counts_path(self) -> str | None:
+        if self.cache_dir is None:
+            return None
+        key = {"dataset": self.NAME, "version": FOLDER_VERSION, "split": self.split,
+               "labels": [s.label for s in self.samples]}
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir, f"{self.NAME}-{self.split}-{digest}-label-counts.json")
+
+    def _cached_counts(self):
+        path = self._counts_path()
+        if path is None:
+            return None
+        try:
+            with open(path) as f:
+                counts = np.asarray(json.load(f), np.int64)
+        except (OSError, ValueError):
+            return None
+        return counts if counts.shape == (256,) else None
+
+    def _store_counts(self, counts: np.ndarray) -> None:
+        path = self._counts_path()
+        if path is None:
+            return
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(counts.tolist(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(root={str(self.base)!r}, split={self.split!r}, size={len(self)}, "
+                f"augment={self.transform.augment}, eval_mode={self.eval_mode!r}, eval_size={self.eval_size})")
+
+
+def eval_geometry(image: torch.Tensor, mask: torch.Tensor, mode: str, size, ignore_index: int):
+    """Bring a normalised evaluation item to a batchable size; see ``eval_mode`` in the module docstring."""
+    if mode == "whole":
+        return image, mask
+    th, tw = int(size[0]), int(size[1])
+    h, w = mask.shape
+    if mode == "resize":
+        target = (th, tw)
+    elif mode == "pad":
+        s = min(th / h, tw / w, 1.0)
+        target = (min(th, max(1, round(h * s))), min(tw, max(1, round(w * s))))
+    else:
+        raise ValueError(f"unknown eval_mode {mode!r}; valid: {', '.join(EVAL_MODES)}")
+    if target != (h, w):
+        image = F.interpolate(image[None], size=target, mode="bilinear", align_corners=False)[0]
+        mask = F.interpolate(mask[None, None].float(), size=target, mode="nearest-exact")[0, 0].long()
+    if mode == "pad":
+        image, mask = pad_to(image, mask, (th, tw), ignore_index)
+    return image, mask
+
+
+def existing(paths: Sequence[Path]) -> Path | None:
+    """The first of ``paths`` that is a directory."""
+    for p in paths:
+        if p.is_dir():
+            return p
+    return None
+
+
+def files_with_suffix(folder: Path, suffix: str) -> list[Path]:
+    """Files in ``folder`` whose name ends with ``suffix``, sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and p.is_file())
+
+
+def read_id_list(path: Path) -> list[str]:
+    """One id per line (the first whitespace-separated field; blank lines skipped)."""
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip()]
