@@ -233,7 +233,6 @@ def check_latex(text, ncol):
             continue
         assert len(re.findall(r"(?<!\\)&", line)) == ncol - 1, line
         assert line.endswith(r"\\")
-    assert body.count("{") == body.count("}") + body.count(r"\}") - body.count(r"\{") or True
     opened = len(re.findall(r"(?<!\\)\{", body))
     closed = len(re.findall(r"(?<!\\)\}", body))
     assert opened == closed

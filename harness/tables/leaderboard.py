@@ -24,7 +24,6 @@ A missing number is never a 0: the cell says ``n/a`` and the notes under the blo
 """
 from __future__ import annotations
 
-import datetime as _dt
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
