@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from harness.methods.base import Batch, Method, MethodContext, Progress
+from harness.methods.brd import BRD
 from harness.methods.cirkd import CIRKD
 from harness.methods.cwd import ChannelWiseKD
 from harness.methods.dist import DIST
@@ -13,6 +14,7 @@ from harness.methods.kd import PixelKD
 
 # One line per method; keep the list sorted by file name.
 _ALL = (
+    BRD,
     CIRKD,
     ChannelWiseKD,
     DIST,

@@ -1,0 +1,404 @@
+"""BRD: boundary and relation distillation (L_BD, L_RD, with the r(t) decay and a tau schedule).
+
+Zhang, Dong, Hu, Chen, Cheng, "Boundary and Relation Distillation for Semantic Segmentation"
+(paper 002, Eqs. 2-8); spec section 11. There is no public code: everything the paper leaves open is
+decided below under "Our interpretation" (spec 11.2 proposes most of it).
+
+    X^c   = concat_i resize_{1/8}(Conv3x3_i(X_i)),  X in {T, S}, i over the backbone stages, d channels
+    b^X   = sigmoid(Conv1x1(X^c))                   in [0, 1]^{h x w}   (boundary map, "T^B", "S^B")
+    L_BD  = tau^2 / N * sum_n KL( softmax_hw(b^T_n / tau) || softmax_hw(b^S_n / tau) )
+    G^X_n = X^c_n X^c_n^T / sqrt(d)                 in R^{hw x hw}     (pixel self-relation)
+    L_RD  = tau^2 / (N hw) * sum_{n, r} KL( softmax(G^T_{n,r,:} / tau) || softmax(G^S_{n,r,:} / tau) )
+    L     = L_task + r(t) alpha L_BD + r(t) beta L_RD,    r(t) = 1 - (t - 1) / t_max,  t = 1..t_max
+
+alpha = `boundary_weight` (10), beta = `relation_weight` (50), t_max = the run's iterations (the paper:
+40 000 iterations; its text says "epoch"), so r = 1 - progress.iteration / progress.total: 1 at the
+first step, 1 / t_max at the last. BRD's own total has no pixel KD term.
+
+Terms (all UNWEIGHTED; the train loop multiplies by `weights()`):
+* `boundary` = r(t) L_BD, weight `boundary_weight`;  `relation` = r(t) L_RD, weight `relation_weight`.
+  The r(t) factor is applied here because `weights()` has no access to the training progress.
+* `teacher_boundary_bce` (and `student_boundary_bce` with `boundary_supervision: both`), weight
+  `boundary_bce_weight`: binary cross-entropy of the boundary head's logit against the label-derived
+  boundary, mean over labelled grid pixels. Not decayed by r(t).
+A term whose weight is 0 is not computed (and its modules are not built where nothing else uses them).
+
+Our interpretation (the paper is silent or not differentiable as written):
+1. Stages and fusion: all four backbone stages (`stages`). "Concatenated to 256 channels after a 3x3
+   conv" is read as one 3x3 conv per stage (with bias, no norm/activation, as written) to its share of
+   the d = `channels` output channels (d / #stages, the remainder to the first stages), applied at the
+   stage's own resolution, then bilinear resizing (align_corners=False) to the 1/8 grid
+   ceil(H/8) x ceil(W/8) of the input, then concatenation. One-conv-per-stage is 4x cheaper than a
+   3x3 conv on the concatenation (3840 -> 256 channels for a ResNet-101 teacher) and matches "after a
+   3x3 conv for T_i and S_i". Teacher and student each have their own convs (channels differ), so
+   teacher and student may differ in channels and spatial size.
+2. Boundary map: the paper's B(.) outputs 0/1 along lines between pixel pairs (IRN style) and is not
+   differentiable. We use its relaxation b = sigmoid(Conv1x1(X^c)) (spec 11.2.2), the probability of a
+   class boundary at each grid pixel; the IRN "max along the line" is not used. The paper's "1 - ..."
+   is dropped: softmax_hw((1 - b)/tau) = softmax_hw(-b/tau) would spread the mass on region interiors,
+   while a boundary loss should put it on boundaries (the minimiser, b^S = b^T, is the same).
+   `boundary_map: logit` feeds the pre-sigmoid logit to the spatial softmax instead (CWD-like, a
+   sharper distribution; not the paper).
+3. Training of the heads (spec 11.2.3): the teacher is frozen and all teacher-side quantities are
+   DETACHED inside L_BD and L_RD, otherwise the teacher-side convs would drift towards the student.
+   The teacher-side convs are trained by `teacher_boundary_bce` only (a target a frozen teacher can
+   be probed for); they join the student's optimiser, as every method submodule does. The
+   student-side convs are trained by L_BD / L_RD together with the student (and additionally by
+   `student_boundary_bce` when `boundary_supervision: both`, which also sends label gradient into the
+   student backbone; off by default, so the only label signal to the student stays L_task).
+   `boundary_supervision: none` (or `boundary_weight: 0`, which drops the boundary heads and the BCE)
+   leaves the teacher-side convs at their random initialisation: L_RD then compares the student's
+   relation with that of a fixed random projection of the teacher's stages.
+   Boundary target: labels nearest-resized to the grid (PyTorch `nearest`, spec 0); a labelled pixel
+   is a boundary pixel when one of its 8 in-image neighbours carries a different, non-ignore label.
+   Ignore pixels are excluded from the BCE; an ignore neighbour does not make a boundary. No
+   pos_weight (boundaries are rare; the weight key is tunable).
+4. O(.) ("region-aligned operation" of refs [39, 73]) is the identity flatten of X^c; the extra
+   "/tau" of Eq. 4 and the second softmax of Eq. 5 collapse into one row softmax at temperature tau
+   (spec 11.2.4). d in the sqrt is each network's fused channel count (both `channels`).
+5. Reductions: the paper writes sums over M and over hw x hw items; with alpha = 10, beta = 50 those
+   are unusable, so L_BD is a mean over images of the spatial KL and L_RD a mean over (image, row)
+   pairs of the row KL (spec 11.2.5). tau^2 multiplies both, as Eqs. 3 and 5. Ignore/padded pixels are
+   not masked in L_BD / L_RD (as the CWD / CIRKD feature terms, spec 13.7).
+6. tau schedule (`schedule: range`, spec 11.2.6): tau starts at `tau`. At iteration k
+   (progress.iteration) the range max - min over all entries of the softened TEACHER distributions of
+   that step (softmax_hw(b^T/tau) and every row softmax(G^T/tau), over the whole batch) is compared
+   with `range_threshold` (0.5); if it exceeds it (in training mode), tau *= `growth` (1.05), capped at
+   `temperature_cap` (10), from iteration k+1 on: at most one step per iteration, and every call
+   within one iteration sees the same tau. Measuring the range on the softened distribution (not on raw
+   features, which would fire at every step and make tau = 1.05^t) makes the rule self-limiting: a
+   larger tau flattens the distributions. One tau is shared by L_BD and L_RD and kept in buffers
+   (`tau_now`, `tau_step_pending`, `tau_iteration`: part of the state dict); the tau used last is
+   `self.last_tau`, the range seen `self.last_range`. Only computed terms (weight > 0) enter the range.
+   `schedule: constant` keeps tau fixed.
+7. r(t) (`decay: true`) as Eq. 7 with t = progress.iteration + 1 and t_max = progress.total;
+   `decay: false` is the paper's "w/o WD" ablation.
+
+Memory and cost of L_RD (P = h w positions): G is P x P per image (P = 8192 at a 64 x 128 grid: 67 M
+entries, 268 MB in float32, several such maps per image in a plain autograd graph: > 10 GB for a batch
+of 8). `relation_kl` never holds more than one block of rows: a custom autograd function computes the
+loss over blocks of R = max(1, 2^22 // P) rows (4 M entries) per image and recomputes the blocks in
+backward from the saved N x P x d inputs (exact, no pooling). Measured peak memory above the inputs,
+forward + backward at P = 64 x 128, d = 256, float32, CPU (ru_maxrss): 290 MB at N = 1, 257 MB at
+N = 2; it does not grow with N beyond the N x P x d copies (8 MB per image and tensor), so about
+0.4 GB at N = 8. The cost is O(N P^2 d): ~70 GFLOP per image forward at that size, about twice that
+backward (17 s per image on one CPU thread). `relation_pool` (k > 1) average-pools X^c by k x k
+(ceil mode) before L_RD: P and memory / k^2, cost / k^4; default 1 (off).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from harness.methods.base import Method
+
+SCHEDULES = ("range", "constant")
+BOUNDARY_MAPS = ("probability", "logit")
+SUPERVISIONS = ("teacher", "both", "none")
+CHUNK_ENTRIES = 1 << 22  # entries of one block of relation rows (4 M: 16 MB in float32)
+GRID_STRIDE = 8          # the paper resizes every stage to 1/8 of the input
+
+
+# ------------------------------------------------------------------------- the pieces (testable)
+def decay_factor(iteration: int, total: int) -> float:
+    """r(t) = 1 - (t - 1) / t_max with t = iteration + 1 (iteration is 0-based), t_max = total."""
+    return 1.0 - iteration / max(int(total), 1)
+
+
+def boundary_targets(mask: torch.Tensor, size: Tuple[int, int], ignore_index: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(boundary, valid), both N x h x w at `size`: labels nearest-resized to the grid; a valid pixel
+    is a boundary (1.0) when one of its 8 in-image neighbours has a different valid label."""
+    labels = F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    valid = labels != ignore_index
+    padded = F.pad(labels, (1, 1, 1, 1), value=ignore_index)
+    h, w = labels.shape[-2:]
+    boundary = torch.zeros_like(valid)
+    for di in (0, 1, 2):
+        for dj in (0, 1, 2):
+            if di == 1 and dj == 1:
+                continue
+            other = padded[:, di:di + h, dj:dj + w]
+            boundary |= (other != ignore_index) & (other != labels)
+    return (boundary & valid).to(torch.get_default_dtype()), valid
+
+
+def boundary_kl(b_s: torch.Tensor, b_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 / N * sum_n KL(softmax_hw(b_t[n] / tau) || softmax_hw(b_s[n] / tau)); b: N x h x w
+    (or N x 1 x h x w). The teacher map is used as given (detach it before calling)."""
+    n = b_s.shape[0]
+    log_p_s = F.log_softmax(b_s.reshape(n, -1) / tau, dim=1)
+    log_p_t = F.log_softmax(b_t.reshape(n, -1) / tau, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() * tau ** 2 / n
+
+
+def boundary_range(b_t: torch.Tensor, tau: float) -> float:
+    """max - min over all entries of the softened teacher boundary distributions of the batch."""
+    with torch.no_grad():
+        p = torch.softmax(b_t.reshape(b_t.shape[0], -1) / tau, dim=1)
+        return float(p.max() - p.min())
+
+
+def _rows_per_block(p: int, chunk_entries: int) -> int:
+    return max(1, int(chunk_entries) // max(p, 1))
+
+
+class _RelationKL(torch.autograd.Function):
+    """sum_{n, r} KL(softmax(G^t_{n,r,:}/tau) || softmax(G^s_{n,r,:}/tau)), G = F F^T / sqrt(d), by
+    blocks of rows; backward recomputes the blocks (memory O(rows x P), never P x P)."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, tau, rows):  # f_*: N x P x d_*, f_t carries no gradient
+        n, p, _ = f_s.shape
+        scale_s, scale_t = 1.0 / (math.sqrt(f_s.shape[2]) * tau), 1.0 / (math.sqrt(f_t.shape[2]) * tau)
+        total = f_s.new_zeros(())
+        t_max = f_s.new_full((), -math.inf)
+        t_min = f_s.new_full((), math.inf)
+        for i in range(n):
+            for r0 in range(0, p, rows):
+                log_p_s = F.log_softmax((f_s[i, r0:r0 + rows] @ f_s[i].t()) * scale_s, dim=1)
+                log_p_t = F.log_softmax((f_t[i, r0:r0 + rows] @ f_t[i].t()) * scale_t, dim=1)
+                p_t = log_p_t.exp()
+                total += (p_t * (log_p_t - log_p_s)).sum()
+                t_max = torch.maximum(t_max, p_t.max())
+                t_min = torch.minimum(t_min, p_t.min())
+        ctx.save_for_backward(f_s, f_t)
+        ctx.scales, ctx.rows = (scale_s, scale_t), rows
+        ctx.mark_non_differentiable(t_max, t_min)
+        return total, t_max, t_min
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total, _grad_max, _grad_min):
+        f_s, f_t = ctx.saved_tensors
+        (scale_s, scale_t), rows = ctx.scales, ctx.rows
+        n, p, _ = f_s.shape
+        grad = torch.zeros_like(f_s)
+        for i in range(n):
+            for r0 in range(0, p, rows):
+                rs = f_s[i, r0:r0 + rows]
+                p_s = torch.softmax((rs @ f_s[i].t()) * scale_s, dim=1)
+                p_t = torch.softmax((f_t[i, r0:r0 + rows] @ f_t[i].t()) * scale_t, dim=1)
+                # d KL / d (F F^T)[r, c] = scale_s (p_s - p_t); F F^T depends on F through both factors
+                d_g = (p_s - p_t) * (grad_total * scale_s)
+                grad[i, r0:r0 + rows] += d_g @ f_s[i]
+                grad[i] += d_g.t() @ rs
+        return grad, None, None, None
+
+
+def relation_kl(f_s: torch.Tensor, f_t: torch.Tensor, tau: float, chunk_entries: int = CHUNK_ENTRIES,
+                return_range: bool = False):
+    """tau^2 / (N P) * sum_{n, r} KL(softmax(G^t_{n,r,:}/tau) || softmax(G^s_{n,r,:}/tau)),
+    G^X_n = X_n X_n^T / sqrt(d_X), X_n the P x d_X matrix of pixel features of image n.
+
+    f_s: N x d_s x h x w, f_t: N x d_t x h x w, same N and h x w (d may differ). The teacher is
+    detached. Memory O(rows x P) per block (see the module docstring). With `return_range`, also the
+    max - min over all entries of the softened teacher rows (a float).
+    """
+    if f_s.shape[0] != f_t.shape[0] or f_s.shape[-2:] != f_t.shape[-2:]:
+        raise ValueError(f"relation_kl needs the same N and h x w, got {tuple(f_s.shape)} and {tuple(f_t.shape)}")
+    n, p = f_s.shape[0], f_s.shape[-2] * f_s.shape[-1]
+    xs = f_s.flatten(2).transpose(1, 2)
+    xt = f_t.detach().flatten(2).transpose(1, 2).contiguous()
+    total, t_max, t_min = _RelationKL.apply(xs, xt, float(tau), _rows_per_block(p, chunk_entries))
+    loss = total * tau ** 2 / (n * p)
+    return (loss, float(t_max - t_min)) if return_range else loss
+
+
+def split_channels(total: int, parts: int) -> List[int]:
+    """`total` channels as evenly as possible over `parts` (the remainder to the first parts)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _init_conv(conv: nn.Conv2d, generator: torch.Generator) -> nn.Conv2d:
+    """PyTorch's default conv initialisation, drawn from `generator` only (replayable)."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
+        if conv.bias is not None:
+            bound = 1 / math.sqrt(conv.weight[0].numel())
+            conv.bias.uniform_(-bound, bound, generator=generator)
+    return conv
+
+
+class Fusion(nn.Module):
+    """One 3x3 conv per stage (to its share of `channels`), resize to the grid, concatenate."""
+
+    def __init__(self, in_channels: Sequence[int], channels: int, generator: torch.Generator):
+        super().__init__()
+        outs = split_channels(channels, len(in_channels))
+        self.convs = nn.ModuleList(
+            _init_conv(torch.nn.utils.skip_init(nn.Conv2d, c_in, c_out, 3, padding=1), generator)
+            for c_in, c_out in zip(in_channels, outs))
+
+    def forward(self, features: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        parts = []
+        for conv, x in zip(self.convs, features):
+            y = conv(x)
+            if tuple(y.shape[-2:]) != tuple(size):
+                y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
+            parts.append(y)
+        return torch.cat(parts, dim=1)
+
+
+def boundary_head(channels: int, generator: torch.Generator) -> nn.Conv2d:
+    return _init_conv(torch.nn.utils.skip_init(nn.Conv2d, channels, 1, 1), generator)
+
+
+# ------------------------------------------------------------------------------------ the method
+class BRD(Method):
+    name = "brd"
+
+    @dataclass
+    class Config:
+        boundary_weight: float = 10.0        # alpha, boundary distillation (paper: 10)
+        relation_weight: float = 50.0        # beta, relation distillation (paper: 50)
+        boundary_bce_weight: float = 1.0     # BCE that trains the boundary head(s) on label boundaries
+        tau: float = 1.0                     # initial temperature, shared by both terms (paper: 1)
+        schedule: str = "range"              # tau schedule: range (x growth if range > threshold) | constant
+        growth: float = 1.05                 # factor of one tau step (paper: 1.05)
+        range_threshold: float = 0.5         # teacher-distribution range that triggers a step (paper: 0.5)
+        temperature_cap: float = 10.0        # tau never exceeds this
+        decay: bool = True                   # r(t) = 1 - (t-1)/t_max on both terms (paper's "WD")
+        stages: List[str] = field(default_factory=lambda: ["stage1", "stage2", "stage3", "stage4"])
+        channels: int = 256                  # d, fused channels (paper: 256)
+        boundary_map: str = "probability"    # softmax input of L_BD: probability (sigmoid) | logit
+        boundary_supervision: str = "teacher"  # which boundary heads get the BCE: teacher | both | none
+        relation_pool: int = 1               # k x k average pooling before L_RD (1 = none)
+
+    def __init__(self, cfg: dict, ctx):
+        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
+        super().__init__(full, ctx)
+        c = self.cfg
+        for key, valid in (("schedule", SCHEDULES), ("boundary_map", BOUNDARY_MAPS),
+                           ("boundary_supervision", SUPERVISIONS)):
+            if c[key] not in valid:
+                raise ValueError(f"'method.brd.{key}' must be one of {', '.join(valid)}, got '{c[key]}'")
+        for key in ("boundary_weight", "relation_weight", "boundary_bce_weight"):
+            if float(c[key]) < 0:
+                raise ValueError(f"'method.brd.{key}' must be >= 0, got {c[key]}")
+        self.tau0 = float(c["tau"])
+        if self.tau0 <= 0:
+            raise ValueError(f"'method.brd.tau' must be positive, got {c['tau']}")
+        if float(c["growth"]) < 1:
+            raise ValueError(f"'method.brd.growth' must be >= 1 (tau only grows), got {c['growth']}")
+        if float(c["range_threshold"]) <= 0:
+            raise ValueError(f"'method.brd.range_threshold' must be positive, got {c['range_threshold']}")
+        if float(c["temperature_cap"]) < self.tau0:
+            raise ValueError(f"'method.brd.temperature_cap' ({c['temperature_cap']}) must be >= "
+                             f"'method.brd.tau' ({c['tau']})")
+        if int(c["channels"]) < 1 or int(c["relation_pool"]) < 1:
+            raise ValueError(f"'method.brd.channels' and 'method.brd.relation_pool' must be >= 1, "
+                             f"got {c['channels']} and {c['relation_pool']}")
+        self.stages = list(c["stages"])
+        if not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"'method.brd.stages' must be a non-empty list of distinct stages, got {self.stages}")
+        for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
+            missing = [s for s in self.stages if s not in channels]
+            if missing:
+                raise ValueError(f"'method.brd.stages': {missing} are not {who} features; "
+                                 f"valid: {', '.join(sorted(channels))}")
+        if int(c["channels"]) < len(self.stages):
+            raise ValueError(f"'method.brd.channels' ({c['channels']}) must be >= the number of stages")
+
+        self.use_boundary = float(c["boundary_weight"]) > 0
+        self.use_relation = float(c["relation_weight"]) > 0
+        sup = c["boundary_supervision"] if float(c["boundary_bce_weight"]) > 0 else "none"
+        self.supervise_teacher = sup in ("teacher", "both") and self.use_boundary
+        self.supervise_student = sup == "both" and self.use_boundary
+        d, g = int(c["channels"]), ctx.generator
+        self.student_fusion = Fusion([ctx.student_channels[s] for s in self.stages], d, g)
+        self.teacher_fusion = Fusion([ctx.teacher_channels[s] for s in self.stages], d, g)
+        self.student_boundary = boundary_head(d, g) if self.use_boundary else None
+        self.teacher_boundary = boundary_head(d, g) if self.use_boundary else None
+        # tau schedule state (in the state dict): current tau, a step owed by the last iteration, and
+        # the iteration the schedule last saw
+        self.register_buffer("tau_now", torch.tensor(self.tau0, dtype=torch.float64))
+        self.register_buffer("tau_step_pending", torch.tensor(False))
+        self.register_buffer("tau_iteration", torch.tensor(-1, dtype=torch.long))
+        self.last_tau = self.tau0
+        self.last_range: Optional[float] = None
+
+    # -------------------------------------------------------------------------------- interface
+    def weights(self) -> Dict[str, float]:
+        c, out = self.cfg, {}
+        if self.use_boundary:
+            out["boundary"] = float(c["boundary_weight"])
+        if self.use_relation:
+            out["relation"] = float(c["relation_weight"])
+        if self.supervise_teacher:
+            out["teacher_boundary_bce"] = float(c["boundary_bce_weight"])
+        if self.supervise_student:
+            out["student_boundary_bce"] = float(c["boundary_bce_weight"])
+        return out
+
+    def grid(self, mask: torch.Tensor) -> Tuple[int, int]:
+        """The 1/8 grid of the input: ceil(H / 8) x ceil(W / 8) (the stride-8 size of the backbones)."""
+        h, w = mask.shape[-2:]
+        return -(-h // GRID_STRIDE), -(-w // GRID_STRIDE)
+
+    def fused(self, student, teacher, size) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(S^c, T^c): N x d x h x w each; T^c is computed from the detached teacher features and
+        keeps the gradient of the teacher-side convs (for their BCE)."""
+        s_c = self.student_fusion([student.features[s] for s in self.stages], size)
+        t_c = self.teacher_fusion([teacher.features[s].detach() for s in self.stages], size)
+        return s_c, t_c
+
+    def _map(self, logit: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logit) if self.cfg["boundary_map"] == "probability" else logit
+
+    def _advance_schedule(self, iteration: int) -> float:
+        """At the first call of a new iteration, apply the step the previous iteration asked for; the
+        tau returned stays the same for every call within one iteration."""
+        if self.cfg["schedule"] == "range" and iteration > int(self.tau_iteration):
+            if bool(self.tau_step_pending):
+                self.tau_now.fill_(min(float(self.tau_now) * float(self.cfg["growth"]),
+                                       float(self.cfg["temperature_cap"])))
+            self.tau_step_pending.fill_(False)
+            self.tau_iteration.fill_(iteration)
+        return float(self.tau_now)
+
+    def terms(self, student, teacher, batch, progress):
+        tau = self._advance_schedule(progress.iteration)
+        r = decay_factor(progress.iteration, progress.total) if self.cfg["decay"] else 1.0
+        size = self.grid(batch.mask)
+        s_c, t_c = self.fused(student, teacher, size)
+        out, ranges = {}, []
+        if self.use_boundary:
+            s_logit, t_logit = self.student_boundary(s_c)[:, 0], self.teacher_boundary(t_c)[:, 0]
+            b_t = self._map(t_logit.detach())
+            out["boundary"] = r * boundary_kl(self._map(s_logit), b_t, tau)
+            ranges.append(boundary_range(b_t, tau))
+            if self.supervise_teacher or self.supervise_student:
+                target, valid = boundary_targets(batch.mask, size, self.ctx.ignore_index)
+                target = target.to(t_logit.dtype)
+                for who, logit, on in (("teacher", t_logit, self.supervise_teacher),
+                                       ("student", s_logit, self.supervise_student)):
+                    if on:
+                        out[f"{who}_boundary_bce"] = masked_bce(logit, target, valid)
+        if self.use_relation:
+            k = int(self.cfg["relation_pool"])
+            fs, ft = (s_c, t_c) if k == 1 else (F.avg_pool2d(x, k, k, ceil_mode=True) for x in (s_c, t_c))
+            loss, rng = relation_kl(fs, ft, tau, return_range=True)
+            out["relation"] = r * loss
+            ranges.append(rng)
+        self.last_tau = tau
+        self.last_range = max(ranges) if ranges else None
+        if (self.cfg["schedule"] == "range" and self.training and self.last_range is not None
+                and self.last_range > float(self.cfg["range_threshold"])):
+            self.tau_step_pending.fill_(True)
+        return out
+
+
+def masked_bce(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy (with logits) over the valid pixels; 0 (in the graph) if none."""
+    per_pixel = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    count = valid.sum()
+    if int(count) == 0:
+        return logit.sum() * 0.0
+    return (per_pixel * valid).sum() / count
