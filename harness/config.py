@@ -32,6 +32,7 @@ GROUPS = ("dataset", "student", "teacher", "method", "optim", "budget")
 SPLITS = ("train", "tune", "val")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+PRETRAINED_SOURCES = ("hub", "imagenet")  # student.pretrained=hub: torchvision's file in the local torch hub cache
 # The keys that define what a run computes; everything else (paths, device, logging) does not.
 RUN_DEFINING_KEYS = ("dataset", "student", "teacher", "method", "optim", "budget", "seed",
                      "train_split", "eval_split", "precision")
@@ -53,7 +54,7 @@ class ModelConfig:
     aux: bool = True
     aux_weight: float = 0.4
     dropout: float = 0.1
-    pretrained: Optional[str] = None  # local backbone state-dict file; never downloaded
+    pretrained: Optional[str] = None  # null/false, hub (local torch hub cache) or a state-dict path; never downloaded
 
 
 @dataclass
@@ -425,6 +426,7 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
             check_model_config(cfg[section])
         except ValueError as e:
             raise ConfigError(f"{section} '{cfg[section]['name']}': {e}") from None
+        _check_pretrained(cfg[section], section)
         if not 0 < cfg[section]["width"] <= 1:
             raise ConfigError(f"'{section}.width' must be in (0, 1], got {cfg[section]['width']}")
         if cfg[section]["output_stride"] not in (8, 16, 32) and cfg[section]["head"] != "segformer":
@@ -446,11 +448,31 @@ def _absolutise_paths(cfg: Dict[str, Any]) -> None:
         if cfg["dataset"].get(key):
             cfg["dataset"][key] = str(Path(cfg["dataset"][key]).expanduser().resolve())
     for section in ("student", "teacher"):
+        if str(cfg[section].get("pretrained")).lower() in ("false", "none", "null", "no", ""):
+            cfg[section]["pretrained"] = None          # random initialisation (paper 003's ablation)
         for key in ("pretrained", "checkpoint"):
-            if cfg[section].get(key):
-                cfg[section][key] = str(Path(cfg[section][key]).expanduser().resolve())
+            value = cfg[section].get(key)
+            if value and not (key == "pretrained" and value in PRETRAINED_SOURCES):
+                cfg[section][key] = str(Path(value).expanduser().resolve())
     if cfg["store"]["url"] is None:
         cfg["store"]["url"] = "sqlite:///" + str(Path(cfg["paths"]["results"]) / "harness.db")
+
+
+def _check_pretrained(model: Dict[str, Any], section: str) -> None:
+    """Backbone weights must be on this machine before anything starts (they are never downloaded)."""
+    value = model.get("pretrained")
+    if not value or str(value).lower() in ("false", "none", "null", "no"):
+        return
+    from harness.models.backbones import hub_weights
+
+    try:
+        path = hub_weights(model["backbone"]) if value in PRETRAINED_SOURCES else Path(value)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{section}.pretrained: {e}") from None
+    if not Path(path).is_file():
+        raise ConfigError(f"{section}.pretrained: no file at {path}. Weights are never downloaded: give the path "
+                          f"of a local torchvision-layout state dict, pretrained=hub for the torch hub cache, "
+                          f"or pretrained=false for random initialisation")
 
 
 # ---------------------------------------------------------------------------------------- hash

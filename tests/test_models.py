@@ -267,3 +267,28 @@ def test_width_out_of_range_is_an_error():
         build_segmenter({"backbone": "resnet18", "head": "pspnet", "width": 1.5}, 5)
     with pytest.raises(ValueError, match="width"):
         build_segmenter({"backbone": "efficientnet_b0", "head": "pspnet", "width": 0.5}, 5)
+
+
+def test_pretrained_from_the_local_hub_cache_and_clear_errors(tmp_path, monkeypatch):
+    """pretrained=hub loads torchvision's file from the local torch hub cache (never downloads);
+    absent -> a ConfigError naming the file; pretrained=false -> random initialisation."""
+    import torchvision
+
+    from harness.config import ConfigError, load_config
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ConfigError, match="resnet18-f37072fd.pth is in the torch hub cache"):
+        load_config(["student=pspnet_resnet18", "student.pretrained=hub"])
+    assert load_config(["student=pspnet_resnet18", "student.pretrained=false"])["student"]["pretrained"] is None
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(reference, hub / "resnet18-f37072fd.pth")
+    cfg = load_config(["student=pspnet_resnet18", "student.pretrained=hub"])
+    assert cfg["student"]["pretrained"] == "hub"
+    model = build_segmenter(cfg["student"], 5)
+    assert torch.equal(model.backbone.state_dict()["layer4.1.conv2.weight"] if "layer4.1.conv2.weight" in
+                       model.backbone.state_dict() else next(v for k, v in model.backbone.state_dict().items()
+                                                              if k.endswith("layer4.1.conv2.weight")),
+                       reference["layer4.1.conv2.weight"])

@@ -12,6 +12,12 @@ Only ``backbone`` and ``head`` are required.  Defaults: ``output_stride`` 8,
 ``aux`` True, ``aux_weight`` 0.4, ``dropout`` 0.1, ``pretrained`` None.
 ``pretrained`` is None or the path of a LOCAL torchvision-layout backbone
 state dict; weights are never downloaded.
+
+A Mix Transformer backbone (``mit_b0``, ``mit_b1``) with ``head: segformer`` builds a
+:class:`SegFormer` instead (``harness/models/segformer.py``; ``head_channels`` is its decoder
+width, logits at stride 4, no aux head). ``BACKBONES`` / ``HEADS`` stay the CNN registries (any
+backbone there works with any head there); ``MODEL_BACKBONES`` / ``MODEL_HEADS`` list every name a
+model config may use.
 """
 
 from __future__ import annotations
@@ -19,20 +25,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .backbones import BACKBONES, STAGES, load_pretrained
+from .backbones import BACKBONES, STAGES, hub_weights, load_pretrained
 from .heads import DEFAULT_HEAD_CHANNELS, HEADS, AuxFCNHead, DeepLabV3Head, PSPHead
+from .segformer import MIT_SPECS, SegFormer, build_segformer, check_segformer_config, is_segformer_config
 from .segmenter import Segmenter, SegOutput, count_parameters
+
+# every backbone / head name a model config may use (the CNN registries plus SegFormer's)
+MODEL_BACKBONES: tuple[str, ...] = (*BACKBONES, *MIT_SPECS)
+MODEL_HEADS: tuple[str, ...] = (*HEADS, "segformer")
 
 __all__ = [
     "BACKBONES",
     "HEADS",
+    "MODEL_BACKBONES",
+    "MODEL_HEADS",
     "STAGES",
     "AuxFCNHead",
     "DeepLabV3Head",
     "PSPHead",
+    "SegFormer",
     "SegOutput",
     "Segmenter",
     "build_segmenter",
+    "check_model_config",
     "count_parameters",
     "load_pretrained",
 ]
@@ -46,6 +61,13 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def check_model_config(cfg: Mapping[str, Any]) -> None:
+    """Raise ValueError for a model config whose parts do not go together (config validation
+    calls it; names and CNN ranges are checked there)."""
+    if is_segformer_config(cfg):
+        check_segformer_config(cfg)
+
+
 def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
     """Build the model a ``student`` / ``teacher`` config group describes.
 
@@ -54,12 +76,14 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
     :func:`load_pretrained`, ``FileNotFoundError`` / ``ValueError`` for a
     missing or mismatching ``pretrained`` file.
     """
+    if is_segformer_config(cfg):
+        return build_segformer(cfg, num_classes)
     backbone_name = _get(cfg, "backbone")
     head_name = _get(cfg, "head")
     if backbone_name not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone_name!r}; valid choices: {sorted(BACKBONES)}")
+        raise ValueError(f"unknown backbone {backbone_name!r}; valid choices: {sorted(MODEL_BACKBONES)}")
     if head_name not in HEADS:
-        raise ValueError(f"unknown head {head_name!r}; valid choices: {sorted(HEADS)}")
+        raise ValueError(f"unknown head {head_name!r}; valid choices: {sorted(MODEL_HEADS)}")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
     output_stride = int(_get(cfg, "output_stride", 8))
@@ -73,6 +97,8 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
 
     backbone = BACKBONES[backbone_name](output_stride, width=float(_get(cfg, "width", 1.0)))
     pretrained = _get(cfg, "pretrained")
+    if pretrained in ("hub", "imagenet"):
+        pretrained = hub_weights(backbone_name)
     if pretrained:
         load_pretrained(backbone, pretrained)
     head = HEADS[head_name](backbone.channels["stage4"], int(num_classes), head_channels, dropout, output_stride)

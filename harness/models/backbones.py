@@ -296,6 +296,37 @@ def _first_keys(keys: Iterable[str], n: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+# torchvision's ImageNet weight files per backbone (first = preferred), as they lie in the torch hub
+# cache (`torch.hub.get_dir()/checkpoints`) once torchvision has downloaded them on some machine
+HUB_FILES = {
+    "resnet18": ("resnet18-f37072fd.pth",),
+    "resnet34": ("resnet34-b627a593.pth",),
+    "resnet50": ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+    "resnet101": ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"),
+    "mobilenetv2": ("mobilenet_v2-b0353104.pth", "mobilenet_v2-7ebf99e0.pth"),
+    "efficientnet_b0": ("efficientnet_b0_rwightman-7f5810bc.pth",),
+}
+
+
+def hub_weights(backbone_name: str) -> Path:
+    """The local torch hub cache's copy of torchvision's ImageNet weights for `backbone_name`;
+    FileNotFoundError naming the expected files when there is none (nothing is downloaded)."""
+    import torch.hub
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    names = HUB_FILES.get(backbone_name)
+    if not names:
+        raise FileNotFoundError(f"no ImageNet weights are known for backbone '{backbone_name}'; give a "
+                                f"state-dict path as pretrained=/path/to/weights.pth")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"pretrained=hub: none of {', '.join(names)} is in the torch hub cache {folder} (set TORCH_HOME to "
+        f"move it). Weights are never downloaded: copy torchvision's file there, give its path as "
+        f"pretrained=/path/to/file.pth, or set pretrained=false for random initialisation")
+
+
 def load_pretrained(backbone: nn.Module, path: str | Path) -> None:
     """Load a LOCAL torchvision-layout state dict into ``backbone``, strictly.
 
