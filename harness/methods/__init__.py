@@ -9,6 +9,7 @@ from harness.methods.cirkd import CIRKD
 from harness.methods.cwd import ChannelWiseKD
 from harness.methods.dist import DIST
 from harness.methods.gskd import GSKD
+from harness.methods.heteroakd import HeteroAKD
 from harness.methods.ifvd import IFVD
 from harness.methods.kd import PixelKD
 
@@ -19,6 +20,7 @@ _ALL = (
     ChannelWiseKD,
     DIST,
     GSKD,
+    HeteroAKD,
     IFVD,
     PixelKD,
 )
