@@ -50,7 +50,7 @@ def cmd_teacher(overrides: List[str]) -> int:
 
 def cmd_sweep(overrides: List[str]) -> int:
     dry_run = "--dry-run" in overrides
-    cfg = load_config([o for o in overrides if o != "--dry-run"])
+    cfg = load_config([o for o in overrides if o != "--dry-run"], check_data=not dry_run)
     if dry_run:
         from harness.sweep.plan import describe
 

@@ -111,6 +111,7 @@ class SyntheticDatasetConfig:
     mean: List[float] = MISSING
     std: List[float] = MISSING
     class_names: List[str] = MISSING
+    recipe_crops: Dict[str, List[int]] = field(default_factory=dict)  # recipe name -> training crop
 
 
 @dataclass
@@ -129,6 +130,7 @@ class FolderDatasetConfig:
     tune_fraction: float = 0.1
     tune_size: Optional[int] = None  # a count; overrides tune_fraction
     tune_seed: int = 0
+    recipe_crops: Dict[str, List[int]] = field(default_factory=dict)  # recipe name -> training crop
 
 
 @dataclass
@@ -205,6 +207,7 @@ class TopConfig:
     seed: int = 0
     train_split: str = "train"
     eval_split: str = "val"
+    recipe: str = "none"  # the training protocol group (conf/recipe/): none | cirkd | niemann2023
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = False
@@ -232,14 +235,16 @@ def available_options(group: str, conf_dir: Path = CONF_DIR) -> List[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
-def load_config(overrides: List[str] | tuple = (), conf_dir: Path | str | None = None) -> Dict[str, Any]:
-    """Compose `conf/config.yaml` with Hydra overrides, validate, return a plain resolved dict."""
+def load_config(overrides: List[str] | tuple = (), conf_dir: Path | str | None = None,
+                check_data: bool = True) -> Dict[str, Any]:
+    """Compose `conf/config.yaml` with Hydra overrides, validate, return a plain resolved dict.
+    `check_data=False` skips the check of a dataset's files on disk (for plans: `sweep --dry-run`)."""
     conf_dir = Path(conf_dir or os.environ.get("HARNESS_CONF_DIR") or CONF_DIR).resolve()
     if not (conf_dir / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in {conf_dir}; the harness expects its conf/ folder there")
     composed = _compose(list(overrides), conf_dir)
     raw = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
-    cfg = validate(raw, conf_dir)
+    cfg = validate(raw, conf_dir, check_data)
     _absolutise_paths(cfg)
     return cfg
 
@@ -314,7 +319,7 @@ def _unknown_key_message(path: str, overrides: List[str], conf_dir: Path) -> str
 
 
 # ------------------------------------------------------------------------------------ validate
-def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR) -> Dict[str, Any]:
+def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR, check_data: bool = True) -> Dict[str, Any]:
     """Check every section against its schema and the harness's invariants; return the plain dict."""
     raw = dict(raw)
     groups = {g: raw.pop(g, None) for g in GROUPS}
@@ -330,13 +335,13 @@ def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR) -> Dict[str, Any]:
     from harness.data import check_config
 
     try:
-        check_config(out["dataset"])
+        check_config(out["dataset"], layout=check_data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for section, schema in SECTION_SCHEMAS.items():
         out[section] = _against(schema, groups[section], section)
     out["method"] = _validate_methods(groups["method"] or {}, conf_dir)
-    _check_invariants(out)
+    _check_invariants(out, check_data)
     return out
 
 
@@ -383,7 +388,7 @@ def _validate_methods(section: Dict[str, Any], conf_dir: Path) -> Dict[str, Any]
     return out
 
 
-def _check_invariants(cfg: Dict[str, Any]) -> None:
+def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
     def positive(path: str, value) -> None:
         if value is None or value <= 0:
             raise ConfigError(f"'{path}' must be positive, got {value}")
@@ -426,7 +431,8 @@ def _check_invariants(cfg: Dict[str, Any]) -> None:
             check_model_config(cfg[section])
         except ValueError as e:
             raise ConfigError(f"{section} '{cfg[section]['name']}': {e}") from None
-        _check_pretrained(cfg[section], section)
+        if check_data:
+            _check_pretrained(cfg[section], section)
         if not 0 < cfg[section]["width"] <= 1:
             raise ConfigError(f"'{section}.width' must be in (0, 1], got {cfg[section]['width']}")
         if cfg[section]["output_stride"] not in (8, 16, 32) and cfg[section]["head"] != "segformer":
@@ -465,6 +471,10 @@ def _check_pretrained(model: Dict[str, Any], section: str) -> None:
         return
     from harness.models.backbones import hub_weights
 
+    if model.get("width", 1.0) != 1.0:
+        raise ConfigError(f"{section}.pretrained: ImageNet weights fit the full-width backbone only, but "
+                          f"{section} '{model['name']}' has width {model['width']}; use a full-width preset "
+                          f"(e.g. {section}=pspnet_resnet18) or {section}.pretrained=false")
     try:
         path = hub_weights(model["backbone"]) if value in PRETRAINED_SOURCES else Path(value)
     except FileNotFoundError as e:

@@ -95,3 +95,38 @@ def test_run_hash_is_stable_and_covers_only_what_defines_a_run(tmp_path):
     assert run_hash(load_config(["budget=smoke", "teacher=pspnet_resnet34"])) == run_hash(base)
     kd = ["budget=smoke", "+method=kd"]
     assert run_hash(load_config(kd + ["teacher=pspnet_resnet34"])) != run_hash(load_config(kd))
+
+
+def test_recipes_set_the_papers_protocols_per_dataset(tmp_path, monkeypatch):
+    """recipe=cirkd|niemann2023 override budget and optimiser with the papers' values; the crop comes
+    from the dataset; ImageNet initialisation from the local hub cache (false: random init)."""
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cirkd = load_config(["recipe=cirkd", "dataset=cityscapes", "student=deeplabv3_resnet18",
+                         "teacher=deeplabv3_resnet101"], check_data=False)
+    assert cirkd["recipe"] == "cirkd" and cirkd["budget"]["name"] == "cirkd"
+    assert cirkd["budget"]["crop_size"] == [512, 1024] and cirkd["budget"]["batch_size"] == 16
+    assert cirkd["budget"]["iterations"] == 40000 and cirkd["budget"]["scale_range"] == [0.5, 2.0]
+    assert (cirkd["optim"]["lr"], cirkd["optim"]["weight_decay"]) == (0.02, 1e-4)
+    assert cirkd["student"]["pretrained"] == "hub"
+    niemann = load_config(["recipe=niemann2023", "dataset=voc", "student=pspnet_resnet18"], check_data=False)
+    assert niemann["budget"]["crop_size"] == [473, 473] and niemann["budget"]["batch_size"] == 8
+    assert niemann["optim"]["weight_decay"] == 5e-4
+    assert load_config(["recipe=niemann2023", "dataset=cityscapes"], check_data=False)["budget"]["crop_size"] == [512, 512]
+    assert run_hash(niemann) != run_hash(load_config(["dataset=voc", "student=pspnet_resnet18"], check_data=False))
+
+    # weights must be on this machine when a run starts
+    with pytest.raises(ConfigError, match="resnet18-f37072fd.pth is in the torch hub cache"):
+        load_config(["recipe=niemann2023", "student=pspnet_resnet18", "teacher=pspnet_resnet101"])
+    with pytest.raises(ConfigError, match="full-width backbone only"):
+        load_config(["recipe=niemann2023"])               # the CPU preset has width 0.25
+    ablation = load_config(["recipe=niemann2023", "student=pspnet_resnet18", "student.pretrained=false",
+                            "teacher.pretrained=false"])
+    assert ablation["student"]["pretrained"] is None and ablation["budget"]["crop_size"] == [64, 64]
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert load_config(["recipe=niemann2023", "student=pspnet_resnet18", "teacher.pretrained=false"])["student"]["pretrained"] == "hub"
+    with pytest.raises(ConfigError, match="unknown recipe 'cirk'.*Did you mean 'cirkd'"):
+        load_config(["recipe=cirk"])

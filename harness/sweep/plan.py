@@ -63,7 +63,7 @@ def forward_flops(model_cfg: Dict[str, Any], num_classes: int, size, batch: int 
     from harness.models import build_segmenter
 
     with torch.device("meta"):
-        model = build_segmenter(model_cfg, num_classes).eval()
+        model = build_segmenter({**model_cfg, "pretrained": None}, num_classes).eval()  # shapes only
         x = torch.empty(batch, 3, int(size[0]), int(size[1]))
         with FlopCounterMode(display=False) as counter:
             model(x)
@@ -159,8 +159,12 @@ def describe(cfg: Dict[str, Any]) -> str:
         lines.append(f"  {r['stage']:<30} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
                      f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
     trials = sum(r["trials"] for r in e["rows"])
+    unknown = sorted({r["stage"].split("[")[0] for r in e["rows"] if r["trials"] and not r["eval_images"]})
     lines += ["", f"  {trials} trials in all (upper bound: ASHA stops some early), "
-                  f"{e['total_flops'] / 1e15:.1f} PFLOPs incl. teacher training and evaluation"]
+                  f"{e['total_flops'] / 1e15:.1f} PFLOPs incl. teacher training"
+                  + (" and evaluation" if not unknown else
+                     f"; evaluation not included for {', '.join(unknown)} (split sizes are known only once the "
+                     f"dataset is read; set budget.max_eval_images to bound them)")]
     unit = "GPU-hours" if s["gpus_per_trial"] else "accelerator-hours equivalent (this sweep asks for no GPU)"
     lines.append(f"  estimate: {e['gpu_hours']:.3g} {unit} at {e['tflops']:g} TFLOP/s effective per GPU "
                  f"(sweep.estimate_tflops)" + (f"; ~{e['wall_hours']:.1f} h wall with {e['gpus_busy']:g} GPUs busy"
