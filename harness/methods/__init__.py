@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from harness.methods.afdcd import AfDCD
 from harness.methods.base import Batch, Method, MethodContext, Progress
 from harness.methods.brd import BRD
 from harness.methods.cirkd import CIRKD
@@ -15,6 +16,7 @@ from harness.methods.kd import PixelKD
 
 # One line per method; keep the list sorted by file name.
 _ALL = (
+    AfDCD,
     BRD,
     CIRKD,
     ChannelWiseKD,
