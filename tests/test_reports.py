@@ -3,18 +3,20 @@
 Most tests read synthetic rows appended through ResultsStore (a fake sweep with known energies and
 mIoUs); `reproduce` and `show` train real tiny runs (the `tiny` fixture)."""
 import copy
+import json
 import math
-import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from harness.cli import main
 from harness.config import load_config
+from harness.engine.train import run
 from harness.store import ResultsStore
 from harness.tables import energy as energy_mod
-from harness.tables.common import load_blocks, row_id
+from harness.tables.common import load_blocks
 
 torch.set_num_threads(1)
 
@@ -51,15 +53,23 @@ def _row(cfg, arm, stage, seed, miou, kwh, sweep_id, params=None, **extra):
             "git_commit": "abc123", "extra_json": extra.pop("extra_json", {"device": "cpu"}), **extra}
 
 
+@pytest.fixture(scope="module")
+def fake_configs(tmp_path_factory):
+    """Resolved configs of the three arms, loaded once (Hydra's compose costs a second each)."""
+    base = ["budget=smoke", "teacher=pspnet_resnet34", "teacher.head_channels=16", "student.head_channels=16",
+            "dataset.sizes.train=24", "dataset.sizes.tune=8", "dataset.sizes.val=8", "progress=false"]
+    return [load_config([*base, *extra]) for extra in ((), ("+method=kd",), ("+method=cwd",))]
+
+
 @pytest.fixture
-def fake_db(tiny, tmp_path):
+def fake_db(fake_configs, tmp_path):
     """A fake smoke sweep of kd and cwd (student-only arm shared) in a fresh database."""
-    reports = f"paths.reports={tmp_path / 'reports'}"
-    so_cfg = load_config(tiny(reports))
-    kd_cfg = load_config(tiny("+method=kd", reports))
-    cwd_cfg = load_config(tiny("+method=cwd", reports))
+    paths = {"results": str(tmp_path / "results"), "reports": str(tmp_path / "reports"),
+             "cache": str(tmp_path / "cache")}
+    store_cfg = {"url": f"sqlite:///{tmp_path / 'results' / 'harness.db'}"}
+    so_cfg, kd_cfg, cwd_cfg = ({**copy.deepcopy(c), "paths": paths, "store": store_cfg} for c in fake_configs)
     store = ResultsStore(so_cfg["store"]["url"])
-    teacher_run = store.append(_row(load_config(tiny()), "teacher", None, 0, 0.6, TEACHER_KWH, None,
+    teacher_run = store.append(_row(so_cfg, "teacher", None, 0, 0.6, TEACHER_KWH, None,
                                     student=kd_cfg["teacher"]["name"]))
     tinfo = {"device": "cpu", "teacher": {"source": "trained", "trained_by_run": teacher_run, "val_miou": 0.61}}
     so, kd, cwd = "student-only:s1", "distilled:kd:k1", "distilled:cwd:c1"
@@ -178,3 +188,140 @@ def test_inference_is_measured_by_codecarbon_and_extrapolated(tiny):
     off = energy_mod.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": False}, "cpu",
                                        str(cfg["paths"]["results"]), batch_size=2, images=2, min_seconds=0)
     assert off["kwh_10k"] is None and "energy.enabled=false" in off["reason"]
+
+
+# ---------------------------------------------------------------------------------------- plots
+def test_response_curves_read_the_searched_values_from_params():
+    from harness.tables.plots import response_data
+
+    rows = [{"stage": "temperature[method.kd.tau]", "params_json": {"optim.lr": 0.05, "method.kd.tau": t},
+             "final_miou": m, "status": s} for t, m, s in [(1, 0.2, "completed"), (2, 0.3, "completed"),
+                                                          (4, 0.1, "pruned"), (8, None, "failed")]]
+    rows += [{"stage": "together", "params_json": {"method.cwd.tau": 4, "method.cwd.weight": w, "optim.lr": lr},
+              "final_miou": 0.25, "status": "completed"} for w, lr in [(3.0, 0.1), (30.0, 0.2)]]
+    assert response_data(rows) == {
+        ("temperature[method.kd.tau]", "method.kd.tau"): [(1.0, 0.2, "completed"), (2.0, 0.3, "completed"),
+                                                          (4.0, 0.1, "pruned")],
+        ("together", "method.cwd.weight"): [(3.0, 0.25, "completed"), (30.0, 0.25, "completed")]}
+
+
+def test_pareto_front():
+    from harness.tables.plots import pareto_front
+
+    points = [(1.0, 30.0), (2.0, 29.0), (2.0, 35.0), (0.5, 20.0), (3.0, 35.0), (4.0, 40.0)]
+    assert pareto_front(points) == [3, 0, 2, 5]
+
+
+def test_entropy_shares_match_a_loop_reference():
+    from harness.tables.plots import entropy_shares
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 5, 3, 7, generator=g)
+    logits[0, 2, 1, 1] = 60.0  # a confident pixel: entropy ~0 at tau = 1
+    shares, edges = entropy_shares(logits, (1, 4), bins=6)
+    assert edges[-1] == pytest.approx(math.log(5))
+    for tau in (1, 4):
+        counts = [0] * 6
+        for b in range(2):
+            for i in range(3):
+                for j in range(7):
+                    z = [float(logits[b, c, i, j]) / tau for c in range(5)]
+                    zmax = max(z)
+                    e = [math.exp(v - zmax) for v in z]
+                    p = [v / sum(e) for v in e]
+                    h = -sum(q * math.log(q) for q in p if q > 0)
+                    counts[min(int(h / (math.log(5) / 6)), 5)] += 1
+        assert shares[tau] == pytest.approx([c / 42 for c in counts], abs=1e-12)
+    assert shares[1][0] > 0
+    flat = entropy_shares(torch.zeros(1, 5, 2, 2), (1,), bins=4)[0][1]
+    assert flat == [0.0, 0.0, 0.0, 1.0]  # uniform: every pixel at ln K
+
+
+def test_plots_of_an_empty_database_say_why(tmp_path, fake_configs):
+    from harness.tables.plots import write_plots
+
+    cfg = {**fake_configs[0], "paths": {"results": str(tmp_path), "reports": str(tmp_path / "reports"),
+                                        "cache": str(tmp_path / "cache")}}
+    outputs = write_plots(ResultsStore(tmp_path / "empty.db"), cfg)
+    assert all(p is None for p, _ in outputs) and len(outputs) == 5
+    assert "no sweep rows" in outputs[0][1] and "not trained yet" in outputs[-1][1]
+
+
+def test_report_regenerates_every_table_and_figure(fake_db, monkeypatch, capsys):
+    import matplotlib.image
+
+    store, cfg = fake_db
+    monkeypatch.setattr(energy_mod, "measure_inference", fake_inference)
+    overrides = [f"paths.{k}={v}" for k, v in cfg["paths"].items()] + ["budget=smoke"]
+    assert main(["report", *overrides]) == 0
+    out = capsys.readouterr().out
+    results, reports = Path(cfg["paths"]["results"]), Path(cfg["paths"]["reports"])
+    assert (results / "leaderboard.md").is_file() and "[report] figures" in out
+    assert "S + kd" in (reports / "energy.md").read_text()
+    # the figures: every one written with its source, or said missing (no teacher in this cache)
+    block = "synthetic_pspnet_resnet18_small_pspnet_resnet34_smoke"
+    written = {"history_student-only-s1.png", "history_distilled-kd-k1.png", "history_distilled-cwd-c1.png",
+               "response_distilled-kd-k1.png", f"seeds_{block}.png", f"pareto_{block}.png"}
+    assert {p.name for p in reports.glob("*.png")} == written
+    for name in written:
+        assert matplotlib.image.imread(reports / name).ndim == 3
+    index = (reports / "figures.md").read_text()
+    assert all(name in index for name in written) and "not drawn: entropy histogram" in index
+    assert "not trained yet" in index and "python -m harness teacher" in index
+    assert "Source:" in index and "Seeds: 1, 2, 3" in index
+
+
+# ----------------------------------------------------------------------- reproduce and show
+@pytest.fixture
+def tiny_reruns(tiny, tmp_path):
+    """Real tiny rerun rows (seed 1) of the student-only and the kd arm, as a sweep writes them."""
+    overrides = tiny(f"paths.reports={tmp_path / 'reports'}", "threads=1")
+    rows = {}
+    for extra, sweep in (((), "student-only:t"), (("+method=kd",), "distilled:kd:t")):
+        cfg = load_config([*overrides, *extra, "seed=1"])
+        rows[sweep] = run(cfg, fields={"stage": "reruns", "sweep_id": sweep, "params_json": {"seed": 1}}).record
+    return overrides, rows
+
+
+def test_reproduce_and_show_on_real_tiny_runs(tiny_reruns, tmp_path, capsys):
+    overrides, rows = tiny_reruns
+    store = ResultsStore(load_config(overrides)["store"]["url"])
+    block = load_blocks(store)[0]
+    kd_id = block.row_id("kd")
+    assert main(["reproduce", kd_id, "--seed", "1", *overrides]) == 0
+    out = capsys.readouterr().out
+    stored = rows["distilled:kd:t"]["final_miou"]
+    assert f"stored         val mIoU {100 * stored:.6f}" in out and f"reproduced     val mIoU {100 * stored:.6f}" in out
+    assert "identical      yes" in out
+    # a run id works too; a wrong seed or id is a usage error naming what exists
+    assert main(["reproduce", "--seed=7", rows["student-only:t"]["run_id"], *overrides]) == 2
+    assert "its seeds: 1" in capsys.readouterr().err
+    assert main(["reproduce", "nosuchid", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert kd_id in err and block.row_id("student-only") in err
+    # show: the grid, from weights retrained by reproduce (identical to the stored runs)
+    assert main(["show", *overrides]) == 0
+    path = next((tmp_path / "reports").glob("show_*_kd.png"))
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(path).shape[:2]
+    assert h > 200 and w > 400
+    metas = list(Path(load_config(overrides)["paths"]["cache"], "show").glob("*.json"))
+    infos = {json.loads(m.read_text())["run_id"]: json.loads(m.read_text()) for m in metas}
+    for r in rows.values():
+        assert infos[r["run_id"]]["identical"] and infos[r["run_id"]]["retrained_miou"] == r["final_miou"]
+    # the teacher is in the cache now: its entropy histogram (paper 003 Figure 1) is drawn
+    from harness.tables.plots import entropy_histograms
+
+    (path, text), = entropy_histograms(store, load_config(overrides), load_blocks(store), tmp_path / "reports")
+    assert path is not None and path.is_file() and "tau 1, 2, 4, 8, 16" in text
+
+
+def test_compare_names_what_differs():
+    from harness.reproduce import compare, parse_args
+
+    a = {"final_miou": 0.5, "per_class_iou_json": {"road": 0.5}, "history_json": [{"iteration": 2, "miou": 0.5}]}
+    b = {**a, "final_miou": 0.5000001}
+    assert compare(a, a) == {"final_miou": True, "per_class_iou": True, "history": True}
+    assert compare(a, b)["final_miou"] is False
+    assert parse_args(["abc", "--seed", "3", "paths.results=x"]) == ("abc", 3, ["paths.results=x"])

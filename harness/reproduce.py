@@ -1,0 +1,159 @@
+"""`python -m harness reproduce <row-id> [--seed N] [overrides]`: re-run what a number came from.
+
+`<row-id>` is the id of a leaderboard row (`harness.tables.common.row_id`, printed in every
+leaderboard block) or the `run_id` of any row of the results database. The rows behind a leaderboard
+id are the completed rerun runs of that arm; `--seed N` picks the run of seed N, otherwise the run of
+the lowest seed is re-run.
+
+The configuration is the stored one (`config_json`: the resolved config the run was trained with,
+including its seed, split, threads and every tuned value), fed to `harness.engine.train.run`, the
+same function that produced it. Only what does not change the computation comes from the current
+command line: `paths.*` (data and teacher cache: a missing teacher is trained again, deterministically),
+`store.url`, `energy.*` and `progress`. The device is the one the run recorded
+(`extra_json.device`), unless `device=...` is given: on the same CPU and the same seed the result is
+bit-identical (`deterministic: true`), on another device it is usually close, not equal.
+
+The new value is printed next to the stored one, with whether final mIoU, per-class IoU and the
+evaluation history are identical. The new run is not written to the database (it would count as a
+second rerun of the same seed); exit status 0 when identical, 1 when not, 2 for a bad id or seed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import shlex
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+KEEP_FROM_CURRENT = ("paths", "store", "energy", "progress")
+
+
+def parse_args(args: Sequence[str]) -> Tuple[str, Optional[int], List[str]]:
+    """(row id, seed or None, config overrides) from `<row-id> [--seed N] [key=value ...]`."""
+    from harness.cli import UsageError
+
+    args = list(args)
+    seed: Optional[int] = None
+    rest: List[str] = []
+    ident: Optional[str] = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--seed" or a.startswith("--seed="):
+            value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in a else 2
+            try:
+                seed = int(value)
+            except ValueError:
+                raise UsageError(f"--seed needs an integer, got '{value}'") from None
+            continue
+        if a.startswith("-"):
+            raise UsageError(f"unknown option {a}; reproduce takes <row-id> [--seed N] and Hydra overrides "
+                             f"such as paths.results=... or device=cpu")
+        if "=" not in a and ident is None:
+            ident = a
+        else:
+            rest.append(a)
+        i += 1
+    if ident is None:
+        raise UsageError("reproduce needs the id of a leaderboard row (or a run id): "
+                         "python -m harness reproduce <row-id> [--seed N]")
+    return ident, seed, rest
+
+
+def runs_behind(store, ident: str) -> Tuple[List[Dict[str, Any]], str]:
+    """(rows, description) of a leaderboard row id, else of a run id; ([], '') if neither."""
+    from harness.tables.common import find_row, known_row_ids
+
+    rows = find_row(store, ident)
+    if rows:
+        return rows, f"leaderboard row {ident} ({known_row_ids(store).get(ident, '?')})"
+    row = store.get(ident)
+    if row is not None:
+        return [row], f"run {ident}"
+    return [], ""
+
+
+def pick(rows: Sequence[Dict[str, Any]], seed: Optional[int]) -> Dict[str, Any]:
+    from harness.cli import UsageError
+
+    if seed is None:
+        return min(rows, key=lambda r: (r["seed"] if r["seed"] is not None else math.inf, r["created_at"] or ""))
+    chosen = [r for r in rows if r["seed"] == seed]
+    if not chosen:
+        raise UsageError(f"no run of seed {seed} behind this row; its seeds: "
+                         f"{', '.join(str(r['seed']) for r in rows)}")
+    return chosen[0]
+
+
+def recorded_device(row: Dict[str, Any]) -> Optional[str]:
+    device = str((row.get("extra_json") or {}).get("device") or "")
+    return device.split(":")[0] if device in ("cpu",) or device.startswith("cuda") else None
+
+
+def reproduction_config(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None) -> Dict[str, Any]:
+    """The stored config with the current paths/store/energy/progress and the recorded device."""
+    cfg = copy.deepcopy(row["config_json"])
+    for key in KEEP_FROM_CURRENT:
+        cfg[key] = copy.deepcopy(current[key])
+    cfg["device"] = device or recorded_device(row) or cfg.get("device", "auto")
+    return cfg
+
+
+def compare(stored: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, bool]:
+    return {"final_miou": stored["final_miou"] == new["final_miou"],
+            "per_class_iou": stored["per_class_iou_json"] == new["per_class_iou_json"],
+            "history": [(h["iteration"], h["miou"]) for h in stored["history_json"] or []]
+                       == [(h["iteration"], h["miou"]) for h in new["history_json"] or []]}
+
+
+def reproduce(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None,
+              command: str = "") -> Dict[str, Any]:
+    """Re-run `row`'s configuration; {stored, new (record), same: {final_miou, per_class_iou, history},
+    config, model (the trained student)}."""
+    from harness.engine.train import run
+
+    cfg = reproduction_config(row, current, device)
+    result = run(cfg, command=command, arm=row["arm"], save_record=False)
+    new = result.record
+    return {"stored": row, "new": new, "same": compare(row, new), "config": cfg, "model": result.model}
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.6f}"
+
+
+def main(args: List[str]) -> int:
+    from harness.cli import UsageError
+    from harness.config import load_config
+    from harness.store import ResultsStore
+
+    ident, seed, overrides = parse_args(args)
+    device = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "device"), None)
+    current = load_config(overrides)
+    store = ResultsStore(current["store"]["url"])
+    rows, what = runs_behind(store, ident)
+    if not rows:
+        from harness.tables.common import known_row_ids
+
+        known = known_row_ids(store)
+        listing = "; ".join(f"{k} = {v}" for k, v in known.items()) or "none (the database has no rerun rows)"
+        raise UsageError(f"'{ident}' is neither a leaderboard row id nor a run id in {store.url}. "
+                         f"Known row ids: {listing}")
+    row = pick(rows, seed)
+    print(f"reproducing {what}: run {row['run_id']} ({row['arm']}, seed {row['seed']}, split {row['split']})")
+    command = "python -m harness reproduce " + " ".join(shlex.quote(a) for a in args)
+    result = reproduce(row, current, device, command)
+    new, same = result["new"], result["same"]
+    print(f"  configuration  stored config_json of that run (hash {row['config_hash']}), device "
+          f"{result['config']['device']}, threads {result['config']['threads']}")
+    print(f"  stored         {row['split']} mIoU {_pct(row['final_miou'])}  (recorded {row['created_at']}, "
+          f"commit {row['git_commit']})")
+    print(f"  reproduced     {new['split']} mIoU {_pct(new['final_miou'])}  (status {new['status']})")
+    if all(same.values()):
+        print("  identical      yes: final mIoU, per-class IoU and every evaluation of the history match exactly")
+        return 0
+    diff = (new["final_miou"] - row["final_miou"]) if None not in (new["final_miou"], row["final_miou"]) else None
+    print(f"  identical      no ({', '.join(k for k, v in same.items() if not v)} differ"
+          + (f"; difference {100 * diff:+.6f} mIoU points" if diff is not None else "") + ")", file=sys.stdout)
+    return 1

@@ -1,0 +1,493 @@
+"""Figures of `python -m harness report` (matplotlib, Agg backend, PNG in `reports/`).
+
+Each figure carries its source under the plot (database, protocol, budget, seeds, date, git commit;
+`harness.tables.common.source_lines`), and `reports/figures.md` lists every figure written and,
+for each figure that could not be drawn, why (empty database, no such stage, teacher not trained).
+
+* ``history_<sweep>.png`` -- optimisation history per stage and arm: for every sweep (one arm of a
+  comparison, `sweep_id`) one panel per stage / sub-stage, trials in the order they were recorded,
+  the final mIoU of each (completed: filled; stopped early by ASHA: hollow, at the mIoU it had
+  reached; failed: a cross on the x axis) and the best-so-far line of the completed trials.
+* ``response_<sweep>.png`` -- response curves (paper 003, Tables 4 and 5 as figures): for every
+  temperature (`tau`, `tau_*`, `*_tau`) and loss weight (`weight`, `*_weight`) searched in a stage,
+  the tune mIoU of each trial against the value (points) and the mean per value (line). The value
+  comes from `params_json`; the searched path from the sub-stage name (`weights[method.kd.weight]`)
+  or, for a stage that searched several paths at once, from the tau/weight paths that vary.
+* ``seeds_<block>.png`` -- per-seed distributions of every leaderboard row (the rerun rows of each
+  arm: one point per seed, labelled with it, mean +- std bar).
+* ``pareto_<block>.png`` -- val mIoU against training energy per run (kWh, log scale) of each arm
+  and of the teacher, the Pareto front (no other point has both more mIoU and less energy) drawn as
+  a line; arms without energy are named in the figure, never drawn at zero.
+* ``entropy_<teacher>.png`` -- paper 003 Figure 1: share of pixels per Shannon entropy (nats,
+  0 .. ln K) of the teacher's softmax(z / tau) for tau in 1, 2, 4, 8, 16, over the logits of the
+  first `ENTROPY_IMAGES` val images upsampled to the image size (every pixel, like the paper). The
+  teacher comes from the cache only (or `teacher.checkpoint`): `report` never trains one.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from harness.tables.common import (MISSING, STUDENT_ONLY, Block, budget_of, load_blocks, method_label,
+                                   source_lines)
+
+TEMPERATURES = (1, 2, 4, 8, 16)
+ENTROPY_IMAGES = 32
+ENTROPY_BINS = 30
+SUBSTAGE = re.compile(r"^(?P<stage>[^\[]+)\[(?P<path>.+)\]$")
+
+Output = Tuple[Optional[Path], str]  # (file written or None, what it shows / why it is missing)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+
+
+def is_temperature(path: str) -> bool:
+    leaf = path.rsplit(".", 1)[-1]
+    return leaf == "tau" or leaf.startswith("tau_") or leaf.endswith("_tau")
+
+
+def is_weight(path: str) -> bool:
+    leaf = path.rsplit(".", 1)[-1]
+    return leaf == "weight" or leaf.endswith("_weight")
+
+
+def footer(store_url: str, rows: Sequence[Dict[str, Any]], what: str, reruns: bool = True) -> List[str]:
+    """source_lines; for figures of sweep rows (any stage) the first line says so."""
+    lines = source_lines(store_url, rows, what)
+    if not reruns:
+        lines[0] = f"Source: {what} from {len(rows)} row(s) (all stages) of {store_url}"
+    return lines
+
+
+def save(fig, path: Path, lines: Sequence[str]) -> Path:
+    """Write `fig` as PNG with `lines` (its source) under everything else drawn."""
+    bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()  # below tick labels
+    fig.text(0.0, bottom - 0.02, "\n".join(lines), fontsize=6, va="top", ha="left", family="monospace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def arm_name(rows: Sequence[Dict[str, Any]]) -> str:
+    r = rows[0]
+    label = method_label(r["methods"]) if r["arm"] != STUDENT_ONLY else STUDENT_ONLY
+    teacher = f" <- {r['teacher']}" if r.get("teacher") else ""
+    return f"{label}: {r['student']}{teacher} on {r['dataset']}, budget {budget_of(r) or MISSING}"
+
+
+def sweeps(store, filters: Optional[dict] = None) -> Dict[str, List[Dict[str, Any]]]:
+    """sweep_id -> its rows (every stage), oldest first, optionally filtered like load_blocks."""
+    f = dict(filters or {})
+    equals = {k: f[k] for k in ("dataset", "student") if f.get(k) is not None}
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for r in store.query(**equals):
+        if not r.get("sweep_id") or r["arm"] not in (STUDENT_ONLY, "distilled"):
+            continue
+        if f.get("budget") is not None and budget_of(r) != f["budget"]:
+            continue
+        if f.get("teacher") is not None and r["arm"] == "distilled" and r["teacher"] != f["teacher"]:
+            continue
+        if f.get("methods") is not None and r["arm"] == "distilled" and \
+                method_label(r["methods"]) not in {method_label(m) for m in f["methods"]}:
+            continue
+        out.setdefault(r["sweep_id"], []).append(r)
+    return out
+
+
+def _stages(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["stage"] or MISSING, []).append(r)
+    return out
+
+
+def _grid(n: int, width: float = 3.6, height: float = 2.8):
+    plt = _pyplot()
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+# -------------------------------------------------------------------------- optimisation history
+def optimisation_history(store, out_dir: Path, filters: Optional[dict] = None) -> List[Output]:
+    found = sweeps(store, filters)
+    if not found:
+        return [(None, f"optimisation history: no sweep rows in {store.url}")]
+    out: List[Output] = []
+    for sweep_id, rows in found.items():
+        stages = _stages(rows)
+        fig, axes = _grid(len(stages))
+        for ax, (stage, srows) in zip(axes, stages.items()):
+            best, best_line = -math.inf, []
+            for i, r in enumerate(srows, start=1):
+                v = r["final_miou"]
+                if r["status"] == "completed" and v is not None:
+                    ax.plot(i, 100 * v, "o", color="C0", ms=4)
+                    best = max(best, v)
+                elif r["status"] == "failed" or v is None:
+                    ax.plot(i, 0, "x", color="C3", ms=5, clip_on=False)
+                else:
+                    ax.plot(i, 100 * v, "o", mfc="none", color="0.5", ms=4)
+                best_line.append(100 * best if best > -math.inf else math.nan)
+            ax.step(range(1, len(srows) + 1), best_line, where="post", color="C1", lw=1)
+            split = srows[0].get("split") or MISSING
+            ax.set_title(f"{stage} ({len(srows)} trials, {split})", fontsize=8)
+            ax.set_xlabel("trial (recording order)", fontsize=7)
+            ax.set_ylabel("mIoU (%)", fontsize=7)
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"Optimisation history -- {arm_name(rows)}\n"
+                     "filled: completed, hollow: stopped early (ASHA), x: failed; line: best so far", fontsize=9)
+        fig.tight_layout()
+        path = save(fig, out_dir / f"history_{slug(sweep_id)}.png",
+                    footer(store.url, rows, f"optimisation history of sweep {sweep_id}", reruns=False))
+        out.append((path, f"optimisation history per stage of {arm_name(rows)}"))
+    return out
+
+
+# --------------------------------------------------------------------------------- response
+def response_data(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str], List[Tuple[float, float, str]]]:
+    """(stage, path) -> [(value, mIoU, status)] for every tau / weight searched in a stage."""
+    out: Dict[Tuple[str, str], List[Tuple[float, float, str]]] = {}
+    for stage, srows in _stages(rows).items():
+        m = SUBSTAGE.match(stage)
+        if m:
+            paths = [m.group("path")]
+        else:
+            keys = {k for r in srows for k in (r.get("params_json") or {})}
+            paths = sorted(k for k in keys if (is_temperature(k) or is_weight(k)) and
+                           len({repr((r.get("params_json") or {}).get(k)) for r in srows}) > 1)
+        for path in paths:
+            if not (is_temperature(path) or is_weight(path)):
+                continue
+            for r in srows:
+                value = (r.get("params_json") or {}).get(path)
+                if value is None or r["final_miou"] is None or r["status"] == "failed":
+                    continue
+                out.setdefault((stage, path), []).append((float(value), float(r["final_miou"]), r["status"]))
+    return out
+
+
+def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> List[Output]:
+    out: List[Output] = []
+    for sweep_id, rows in sweeps(store, filters).items():
+        data = response_data(rows)
+        if not data:
+            continue
+        fig, axes = _grid(len(data))
+        used = []
+        for ax, ((stage, path), points) in zip(axes, sorted(data.items(), key=lambda kv: (not is_temperature(kv[0][1]), kv[0]))):
+            stage_rows = [r for r in rows if r["stage"] == stage]
+            used += stage_rows
+            for status, style in (("completed", dict(color="C0")), ("pruned", dict(mfc="none", color="0.5"))):
+                xs = [x for x, _, s in points if (s == "completed") == (status == "completed")]
+                ys = [100 * y for _, y, s in points if (s == "completed") == (status == "completed")]
+                ax.plot(xs, ys, "o", ms=4, label=status if status == "completed" else "stopped early", **style)
+            by_value: Dict[float, List[float]] = {}
+            for x, y, s in points:
+                if s == "completed":
+                    by_value.setdefault(x, []).append(100 * y)
+            xs = sorted(by_value)
+            ax.plot(xs, [statistics.fmean(by_value[x]) for x in xs], "-", color="C0", lw=1)
+            values = [x for x, _, _ in points]
+            if min(values) > 0 and max(values) / min(values) >= 4:
+                ax.set_xscale("log", base=2 if is_temperature(path) else 10)
+            ax.set_xlabel(path, fontsize=7)
+            ax.set_ylabel(f"mIoU (%), {stage_rows[0].get('split') or MISSING} split", fontsize=7)
+            ax.set_title(f"{'temperature' if is_temperature(path) else 'loss weight'}: {stage}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"Response curves -- {arm_name(rows)}", fontsize=9)
+        fig.tight_layout()
+        path = save(fig, out_dir / f"response_{slug(sweep_id)}.png",
+                    footer(store.url, used, f"response curves of sweep {sweep_id}", reruns=False))
+        out.append((path, f"response curves of {', '.join(p for _, p in data)} for {arm_name(rows)}"))
+    if not out:
+        out.append((None, "response curves: no temperature or loss-weight stage rows in the database"))
+    return out
+
+
+# ------------------------------------------------------------------------------- per-seed
+def block_slug(block: Block) -> str:
+    return slug(f"{block.dataset}_{block.student}_{block.teacher or 'none'}_{block.budget or 'na'}")
+
+
+def seed_distributions(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
+    if not blocks:
+        return [(None, f"per-seed distributions: no completed rerun rows in {store.url}")]
+    plt = _pyplot()
+    out: List[Output] = []
+    for block in blocks:
+        labels = list(block.arms)
+        fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2.5, 3.4))
+        for i, label in enumerate(labels):
+            arm = block.arms[label]
+            pts = [(r["seed"], 100 * r["final_miou"]) for r in arm.rows]
+            offsets = [0.15 * ((j % 5) - 2) / 2 for j in range(len(pts))]
+            ax.plot([i + o for o in offsets], [v for _, v in pts], "o", color=f"C{i % 10}", ms=5)
+            for o, (seed, v) in zip(offsets, pts):
+                ax.annotate(str(seed), (i + o, v), fontsize=6, xytext=(3, 0), textcoords="offset points")
+            if arm.mean is not None:
+                std = arm.std or 0.0
+                ax.errorbar(i + 0.3, 100 * arm.mean, yerr=100 * std, fmt="_", color="k", capsize=3)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([f"{l}\n[{block.row_id(l)}]\nn={block.arms[l].n}" for l in labels], fontsize=7)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.set_ylabel("val mIoU (%)", fontsize=8)
+        ax.set_title(f"Per-seed val mIoU (labels: seed; bar: mean +- std)\n{block.title}", fontsize=9)
+        if block.baseline is None:
+            ax.text(0.5, 0.02, "no student-only rerun rows for this block", transform=ax.transAxes,
+                    ha="center", fontsize=7, color="C3")
+        path = save(fig, out_dir / f"seeds_{block_slug(block)}.png",
+                    footer(store.url, block.rows, "per-seed val mIoU"))
+        out.append((path, f"per-seed distributions of {block.title}"))
+    return out
+
+
+# --------------------------------------------------------------------------------- Pareto
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the non-dominated (energy low, mIoU high) points, by increasing energy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
+    from harness.tables.energy import run_energy, teacher_runs
+
+    if not blocks:
+        return [(None, f"mIoU vs training energy: no completed rerun rows in {store.url}")]
+    plt = _pyplot()
+    out: List[Output] = []
+    for block in blocks:
+        names, pts, errs, absent = [], [], [], []
+        for label, arm in block.arms.items():
+            e = run_energy(arm.rows)
+            if e["kwh"] is None or arm.mean is None:
+                absent.append(f"{label} ({'flagged GPU energy' if e['flagged'] else 'no energy recorded'})")
+                continue
+            names.append(label)
+            pts.append((e["kwh"], 100 * arm.mean))
+            errs.append((e["kwh_std"] or 0.0, 100 * (arm.std or 0.0)))
+        if block.teacher is not None:
+            t_rows, why, t_miou = teacher_runs(store, [r for l, a in block.arms.items() if l != STUDENT_ONLY
+                                                       for r in a.rows])
+            t = run_energy(t_rows)
+            if t["kwh"] is not None and t_miou is not None:
+                names.append(f"teacher {block.teacher}")
+                pts.append((t["kwh"], 100 * t_miou))
+                errs.append((0.0, 0.0))
+            else:
+                absent.append(f"teacher ({why or 'no energy recorded'})")
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for i, (name, (x, y), (dx, dy)) in enumerate(zip(names, pts, errs)):
+            ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="s" if name.startswith("teacher") else "o",
+                        color=f"C{i % 10}", capsize=2, ms=5)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto_front(pts)
+        if front:
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="0.4", lw=1,
+                    label="Pareto front")
+            ax.legend(fontsize=7, loc="lower right")
+        if pts:
+            ax.set_xscale("log")
+        ax.set_xlabel("training energy per run (kWh, mean over seeds)", fontsize=8)
+        ax.set_ylabel("val mIoU (%)", fontsize=8)
+        ax.set_title(f"mIoU vs training energy\n{block.title}", fontsize=9)
+        if absent:
+            ax.text(0.01, 0.98, "not drawn: " + "; ".join(absent), transform=ax.transAxes, va="top",
+                    fontsize=6, color="C3", wrap=True)
+        if not pts:
+            ax.text(0.5, 0.5, "no arm of this block has a training energy", transform=ax.transAxes,
+                    ha="center", fontsize=8)
+        path = save(fig, out_dir / f"pareto_{block_slug(block)}.png",
+                    footer(store.url, block.rows, "mIoU and training energy"))
+        out.append((path, f"mIoU vs training energy of {block.title}"
+                          + (f" (not drawn: {'; '.join(absent)})" if absent else "")))
+    return out
+
+
+# -------------------------------------------------------------------------------- entropy
+def teacher_configs(store, cfg: dict, blocks: Sequence[Block]) -> List[dict]:
+    """Configs of the distinct teachers of the distilled rerun rows (paths from `cfg`); else cfg's."""
+    from harness.engine.teacher import teacher_key
+
+    found: Dict[str, dict] = {}
+    for block in blocks:
+        for label, arm in block.arms.items():
+            if label == STUDENT_ONLY:
+                continue
+            for r in arm.rows:
+                rcfg = {**r["config_json"], "paths": cfg["paths"]}
+                found.setdefault(teacher_key(rcfg), rcfg)
+    return list(found.values()) or [cfg]
+
+
+def cached_teacher(tcfg: dict):
+    """(model, None) from the teacher cache or teacher.checkpoint, or (None, why) -- never trains."""
+    from harness.engine.teacher import load_checkpoint, teacher_dir
+
+    if tcfg["teacher"].get("checkpoint"):
+        return load_checkpoint(tcfg, Path(tcfg["teacher"]["checkpoint"])), None
+    ckpt = teacher_dir(tcfg) / "teacher.pt"
+    if not ckpt.is_file():
+        return None, (f"teacher {tcfg['teacher']['name']} (budget {tcfg['budget']['name']}, dataset "
+                      f"{tcfg['dataset']['name']}) is not trained yet: no {ckpt}. Train it with "
+                      f"`python -m harness teacher teacher={tcfg['teacher']['name']} budget={tcfg['budget']['name']}` "
+                      f"(or run a sweep), then rerun the report.")
+    return load_checkpoint(tcfg, ckpt), None
+
+
+def entropy_shares(logits, temperatures: Iterable[float] = TEMPERATURES, bins: int = ENTROPY_BINS):
+    """{tau: share of pixels per entropy bin} of softmax(logits / tau) (B x K x H x W), bins on [0, ln K]."""
+    import torch
+
+    k = logits.shape[1]
+    edges = torch.linspace(0.0, math.log(k), bins + 1, dtype=torch.float64)
+    out = {}
+    for tau in temperatures:
+        logp = torch.log_softmax(logits.double() / tau, dim=1)
+        h = (-(logp.exp() * logp).sum(dim=1)).flatten().clamp(0.0, math.log(k))
+        counts = torch.histc(h, bins=bins, min=0.0, max=math.log(k))
+        out[tau] = (counts / h.numel()).tolist()
+    return out, edges.tolist()
+
+
+def teacher_logits(model, tcfg: dict, images: int = ENTROPY_IMAGES):
+    """Logits of the first `images` val images, upsampled to the image size (B x K x H x W)."""
+    import torch
+    import torch.nn.functional as F
+
+    from harness.data import build_dataset
+
+    ds = build_dataset(tcfg["dataset"], "val", cache_dir=str(Path(tcfg["paths"]["cache"]) / "data"))
+    n = min(images, len(ds))
+    x = torch.stack([ds[i][0] for i in range(n)])
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, n, 8):
+            part = x[start:start + 8]
+            z = model(part).logits
+            chunks.append(F.interpolate(z, size=part.shape[-2:], mode="bilinear", align_corners=True))
+    return torch.cat(chunks), n
+
+
+def entropy_histograms(store, cfg: dict, blocks: Sequence[Block], out_dir: Path,
+                       temperatures: Sequence[float] = TEMPERATURES, images: int = ENTROPY_IMAGES) -> List[Output]:
+    from harness.engine.teacher import teacher_key
+
+    plt = _pyplot()
+    out: List[Output] = []
+    for tcfg in teacher_configs(store, cfg, blocks):
+        model, why = cached_teacher(tcfg)
+        if model is None:
+            out.append((None, f"entropy histogram: {why}"))
+            continue
+        model.eval()
+        logits, n = teacher_logits(model, tcfg, images)
+        shares, edges = entropy_shares(logits, temperatures)
+        fig, axes = plt.subplots(1, len(temperatures), figsize=(2.6 * len(temperatures), 2.6), sharey=True)
+        axes = list(axes) if len(temperatures) > 1 else [axes]
+        width = edges[1] - edges[0]
+        for ax, tau in zip(axes, temperatures):
+            ax.bar(edges[:-1], [100 * s for s in shares[tau]], width=width, align="edge", color="C0")
+            ax.set_title(f"tau = {tau:g}", fontsize=8)
+            ax.set_xlabel("entropy (nats)", fontsize=7)
+            ax.set_xlim(0, edges[-1])
+            ax.tick_params(labelsize=7)
+        axes[0].set_ylabel("share of pixels (%)", fontsize=7)
+        k = logits.shape[1]
+        fig.suptitle(f"Entropy of the teacher's softmax(z / tau): {tcfg['teacher']['name']} on "
+                     f"{tcfg['dataset']['name']} ({n} val images, {logits[:, 0].numel():,} pixels, "
+                     f"{k} classes, max ln {k} = {math.log(k):.2f})", fontsize=9)
+        fig.tight_layout()
+        key = teacher_key(tcfg)
+        lines = [f"Source: teacher checkpoint {tcfg['teacher'].get('checkpoint') or 'from the cache, key ' + key}, "
+                 f"budget {tcfg['budget']['name']}; first {n} images of the val split (paper 003 Figure 1 "
+                 f"used 800 Cityscapes images)"] + source_lines(store.url, [], "")[-1:]
+        path = save(fig, out_dir / f"entropy_{slug(tcfg['teacher']['name'])}_{key}.png", lines)
+        out.append((path, f"entropy histogram of {tcfg['teacher']['name']} at tau {', '.join(map(str, temperatures))}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ all
+def write_plots(store, cfg: dict, filters: Optional[dict] = None) -> List[Output]:
+    """Every figure into cfg's reports folder, plus reports/figures.md listing them (or why not)."""
+    out_dir = Path(cfg["paths"]["reports"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = load_blocks(store, **(filters or {}))
+    outputs: List[Output] = []
+    outputs += optimisation_history(store, out_dir, filters)
+    outputs += response_curves(store, out_dir, filters)
+    outputs += seed_distributions(store, blocks, out_dir)
+    outputs += pareto(store, blocks, out_dir)
+    outputs += entropy_histograms(store, cfg, blocks, out_dir)
+    lines = ["# Figures", "", f"Written by `python -m harness report` from {store.url}; every figure states "
+             "its source under the plot.", ""]
+    for path, text in outputs:
+        lines.append(f"- [{path.name}]({path.name}): {text}" if path else f"- not drawn: {text}")
+    lines += ["", "Source:", ""] + [f"- {s}" for s in source_lines(store.url, [r for b in blocks for r in b.rows],
+                                                                   "figures")]
+    (out_dir / "figures.md").write_text("\n".join(lines) + "\n")
+    return outputs
+
+
+# --------------------------------------------------------------------------------- report
+REPORT_PARTS = ("leaderboard", "significance", "literature", "energy")
+
+
+def run_report(overrides: List[str]) -> int:
+    """`python -m harness report`: every table command, then the figures; a part that fails is
+    reported and the others still run (exit 1); a bad override stops everything (exit 2)."""
+    import traceback
+
+    from harness.cli import COMMANDS
+    from harness.config import ConfigError, load_config
+    from harness.store import ResultsStore
+    from harness.tables.energy import block_filters
+
+    status = 0
+    for name in REPORT_PARTS:
+        if name not in COMMANDS:
+            print(f"[report] {name}: this version of the harness has no '{name}' command, skipped", flush=True)
+            continue
+        print(f"[report] {name}", flush=True)
+        try:
+            status = max(status, COMMANDS[name][0](list(overrides)))
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - one broken part must not hide the others
+            traceback.print_exc()
+            print(f"[report] {name} failed (traceback above); going on with the rest", file=sys.stderr)
+            status = 1
+    print("[report] figures", flush=True)
+    filters, rest = block_filters(overrides)
+    cfg = load_config(rest)
+    for path, text in write_plots(ResultsStore(cfg["store"]["url"]), cfg, filters):
+        print(f"  {path}: {text}" if path else f"  not drawn: {text}")
+    print(f"  index: {Path(cfg['paths']['reports']) / 'figures.md'}")
+    return status

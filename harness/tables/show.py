@@ -1,0 +1,232 @@
+"""`python -m harness show [dataset=...] [student=...] [teacher=...] [+method=...]`: the qualitative grid.
+
+Writes ``reports/show_<block>_<method>.png``: one line per val image (the first `N_IMAGES`), columns
+input, ground truth, teacher, tuned student-only arm, distilled arm, every label map coloured with
+the dataset's palette (`dataset.palette`; ignore pixels black) and a legend of the classes, like the
+papers' qualitative figures. The filters select rows by name as in `leaderboard`; without
+`+method=` the distilled arm with the best mean val mIoU of the block is shown.
+
+**Where the students' weights come from.** Runs do not save student weights (a sweep trains
+hundreds of students and needs none of them afterwards). Rather than adding weight saving behind a
+config flag -- which would not help any database that already exists -- `show` retrains the rerun
+configuration of each arm's first (lowest) seed through `harness.reproduce` (the stored config,
+`harness.engine.train.run`). This is the cheaper robust option: one run per arm, on any existing
+database, and deterministic: on the recording device the retrained student *is* the one behind
+the stored number, which the figure checks and states ("identical to the stored run: yes/no").
+The retrained weights are cached in ``<paths.cache>/show/`` (keyed by config hash and seed), so a
+second `show` costs only the forward passes. The teacher comes from the teacher cache (the
+distilled run just used it) or `teacher.checkpoint`.
+
+A missing arm or teacher gives a panel saying why instead of predictions, never a crash.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from harness.tables.common import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, source_lines
+
+N_IMAGES = 4
+IGNORE_COLOUR = (0, 0, 0)
+
+
+# ------------------------------------------------------------------------------------- models
+def first_seed_row(arm: Arm) -> Dict[str, Any]:
+    return min(arm.rows, key=lambda r: (r["seed"] if r["seed"] is not None else 1 << 30, r["created_at"] or ""))
+
+
+def trained_student(row: Dict[str, Any], cfg: dict) -> Tuple[Any, Dict[str, Any]]:
+    """(student model, info) for a rerun row: cached weights, else retrained by `reproduce`."""
+    import torch
+
+    from harness.engine.teacher import MODEL_KEYS
+    from harness.models import build_segmenter
+    from harness.reproduce import reproduce
+
+    folder = Path(cfg["paths"]["cache"]) / "show"
+    stem = folder / f"{row['config_hash']}-seed{row['seed']}"
+    weights, meta = stem.with_suffix(".pt"), stem.with_suffix(".json")
+    rcfg = row["config_json"]
+    if weights.is_file() and meta.is_file():
+        model = build_segmenter({k: rcfg["student"][k] for k in MODEL_KEYS}, rcfg["dataset"]["num_classes"])
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval(), json.loads(meta.read_text())
+    print(f"[show] retraining {row['arm']} {row['methods'] or ''} seed {row['seed']} (run {row['run_id']}) "
+          f"for its weights; cached in {folder}", flush=True)
+    result = reproduce(row, cfg, command="python -m harness show")
+    info = {"run_id": row["run_id"], "seed": row["seed"], "stored_miou": row["final_miou"],
+            "retrained_miou": result["new"]["final_miou"], "identical": all(result["same"].values()),
+            "device": result["config"]["device"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    model = result["model"].cpu().eval()
+    torch.save(model.state_dict(), weights)
+    meta.write_text(json.dumps(info, indent=2))
+    return model, info
+
+
+# -------------------------------------------------------------------------------------- grid
+def colourise(labels, palette: Sequence[Sequence[int]], ignore_index: int):
+    """H x W class ids -> H x W x 3 uint8; ignore (and out-of-range) pixels IGNORE_COLOUR."""
+    import numpy as np
+
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:] = IGNORE_COLOUR
+    for k, rgb in enumerate(palette[:256]):
+        lut[k] = rgb
+    ids = np.asarray(labels, dtype=np.int64)
+    out = lut[np.clip(ids, 0, 255)]
+    out[(ids == ignore_index) | (ids < 0) | (ids >= len(palette))] = IGNORE_COLOUR
+    return out
+
+
+def palette_of(ds, num_classes: int) -> List[Tuple[int, int, int]]:
+    palette = list(getattr(ds, "palette", None) or [])
+    if len(palette) >= num_classes:
+        return [tuple(int(c) for c in rgb) for rgb in palette]
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [tuple(int(255 * c) for c in cmap(k % 20)[:3]) for k in range(num_classes)]
+
+
+def choose(blocks: Sequence[Block], filters: dict) -> Tuple[Optional[Block], Optional[Arm], List[str]]:
+    """The block and distilled arm to show, plus notes (several blocks, arm chosen by mean)."""
+    notes: List[str] = []
+    if not blocks:
+        return None, None, notes
+    block = blocks[0]
+    if len(blocks) > 1:
+        notes.append(f"{len(blocks)} blocks match; showing '{block.title}' (narrow it with dataset= student= "
+                     f"teacher= budget=)")
+    distilled = [a for label, a in block.arms.items() if label != STUDENT_ONLY and a.n]
+    if not distilled:
+        return block, None, notes
+    if filters.get("methods"):
+        return block, distilled[0], notes
+    best = max(distilled, key=lambda a: a.mean)
+    if len(distilled) > 1:
+        notes.append(f"distilled arm with the best mean val mIoU: {best.label} (choose one with +method=NAME)")
+    return block, best, notes
+
+
+def write_show(cfg: dict, filters: Optional[dict] = None, images: int = N_IMAGES) -> Tuple[Path, List[str]]:
+    """Draw the grid; returns its path and the notes printed with it."""
+    import torch
+
+    from harness.data import build_dataset
+    from harness.engine.evaluate import predict
+    from harness.store import ResultsStore
+    from harness.tables.plots import _pyplot, block_slug, cached_teacher, save, slug
+
+    filters = dict(filters or {})
+    store = ResultsStore(cfg["store"]["url"])
+    block, dist_arm, notes = choose(load_blocks(store, **filters), filters)
+    if block is None:
+        notes.append(f"no completed rerun rows{' matching ' + str(filters) if filters else ''} in {store.url}: "
+                     f"only the input and ground truth can be shown (run python -m harness sweep +method=NAME)")
+    base = block.baseline if block else None
+    any_row = next(iter(block.rows), None) if block else None
+    rcfg = {**(any_row["config_json"] if any_row else cfg), "paths": cfg["paths"]}
+    ds = build_dataset(rcfg["dataset"], "val", cache_dir=str(Path(cfg["paths"]["cache"]) / "data"))
+    k, ignore = ds.num_classes, ds.ignore_index
+    palette = palette_of(ds, k)
+
+    used_rows: List[Dict[str, Any]] = []
+    # the distilled arm first: retraining it puts the teacher in the cache
+    dist_col, base_col = None, None
+    if dist_arm is not None:
+        row = first_seed_row(dist_arm)
+        model, info = trained_student(row, cfg)
+        used_rows += dist_arm.rows
+        dist_col = (_title(f"distilled ({dist_arm.label})", dist_arm, info), model)
+    else:
+        dist_col = ("distilled", "no distilled rerun rows for this block" if block else "no runs")
+    if base is not None:
+        row = first_seed_row(base)
+        model, info = trained_student(row, cfg)
+        used_rows += base.rows
+        base_col = (_title("student-only (tuned)", base, info), model)
+    else:
+        base_col = ("student-only (tuned)", "no student-only rerun rows for this block" if block else "no runs")
+    tcfg = {**(first_seed_row(dist_arm)["config_json"] if dist_arm else rcfg), "paths": cfg["paths"]}
+    teacher, why = cached_teacher(tcfg)
+    t_title = f"teacher {tcfg['teacher']['name']}"
+    if teacher is not None:
+        meta = next(((r.get("extra_json") or {}).get("teacher") for r in (dist_arm.rows if dist_arm else [])), None)
+        if meta and meta.get("val_miou") is not None:
+            t_title += f"\nval mIoU {100 * meta['val_miou']:.2f}\n(re-measured, whole val split)"
+    teacher_col = (t_title, teacher if teacher is not None else why)
+    columns: List[Tuple[str, Any]] = [teacher_col, base_col, dist_col]  # (title, model or why not)
+
+    plt = _pyplot()
+    n = min(images, len(ds))
+    fig, axes = plt.subplots(n, 2 + len(columns), figsize=(2.2 * (2 + len(columns)), 2.2 * n + 0.6), squeeze=False)
+    mean = torch.as_tensor(rcfg["dataset"]["mean"]).view(3, 1, 1)
+    std = torch.as_tensor(rcfg["dataset"]["std"]).view(3, 1, 1)
+    for i in range(n):
+        image, mask = ds[i]
+        shown = (image * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        panels = [("input", shown), ("ground truth", colourise(mask.numpy(), palette, ignore))]
+        for title, model in columns:
+            if isinstance(model, str) or model is None:
+                panels.append((title, model or MISSING))
+            else:
+                model.eval()
+                pred = predict(model, image.unsqueeze(0).to(next(model.parameters()).device))[0].cpu().numpy()
+                panels.append((title, colourise(pred, palette, ignore)))
+        for j, (ax, (title, content)) in enumerate(zip(axes[i], panels)):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if isinstance(content, str):
+                ax.text(0.5, 0.5, _wrap(content), ha="center", va="center", fontsize=6, color="C3",
+                        transform=ax.transAxes)
+            else:
+                ax.imshow(content, interpolation="nearest")
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+    from matplotlib.patches import Patch
+
+    names = list(getattr(ds, "class_names", [str(c) for c in range(k)]))
+    handles = [Patch(color=[c / 255 for c in palette[c]], label=names[c]) for c in range(k)]
+    handles.append(Patch(color=[c / 255 for c in IGNORE_COLOUR], label="ignore"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=6,
+               bbox_to_anchor=(0.5, 0.005))
+    head = f"{block.title}" if block else f"{rcfg['dataset']['name']} (no runs)"
+    fig.suptitle(f"Qualitative results, first {n} val images -- {head}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    lines = source_lines(store.url, used_rows, "qualitative grid") + [
+        "Students: weights retrained from the stored configuration of each arm's first seed "
+        "(harness.reproduce), cached in <paths.cache>/show/"] + [f"Note: {x}" for x in notes]
+    label = dist_arm.label if dist_arm else "none"
+    path = Path(cfg["paths"]["reports"]) / f"show_{block_slug(block) if block else slug(rcfg['dataset']['name'])}_{slug(label)}.png"
+    save(fig, path, lines)
+    return path, notes
+
+
+def _title(name: str, arm: Arm, info: Dict[str, Any]) -> str:
+    def pct(v: Optional[float]) -> str:
+        return MISSING if v is None else f"{100 * v:.2f}"
+
+    same = "yes" if info.get("identical") else "no"
+    return (f"{name}\nseed {info['seed']}: val mIoU {pct(info['retrained_miou'])}\n"
+            f"(stored {pct(info['stored_miou'])}, identical: {same})")
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(text), width)[:10])
+
+
+def main(overrides: List[str]) -> int:
+    from harness.config import load_config
+    from harness.tables.energy import block_filters
+
+    filters, rest = block_filters(overrides)
+    cfg = load_config(rest)
+    path, notes = write_show(cfg, filters)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"written: {path}")
+    return 0
