@@ -325,3 +325,10 @@ def test_compare_names_what_differs():
     assert compare(a, a) == {"final_miou": True, "per_class_iou": True, "history": True}
     assert compare(a, b)["final_miou"] is False
     assert parse_args(["abc", "--seed", "3", "paths.results=x"]) == ("abc", 3, ["paths.results=x"])
+
+
+def test_show_on_an_empty_database_draws_what_it_can_and_says_why(tiny, tmp_path, capsys):
+    assert main(["show", *tiny(f"paths.reports={tmp_path / 'reports'}", "teacher.train.seed=99")]) == 0
+    out = capsys.readouterr().out
+    assert "no completed rerun rows" in out and "written:" in out
+    assert len(list((tmp_path / "reports").glob("show_*.png"))) == 1
