@@ -126,7 +126,9 @@ class FolderDatasetConfig:
     std: List[float] = MISSING
     crop_size: List[int] = MISSING  # the papers' training crop (budget.crop_size is what a run uses)
     eval_size: Optional[List[int]] = None
-    eval_mode: str = "whole"  # whole | pad | resize
+    eval_mode: str = "whole"  # whole | pad | resize | slide
+    eval_crop: Optional[List[int]] = None    # eval_mode=slide: window [h, w]
+    eval_stride: Optional[List[int]] = None  # eval_mode=slide: step [h, w], <= eval_crop
     tune_fraction: float = 0.1
     tune_size: Optional[int] = None  # a count; overrides tune_fraction
     tune_seed: int = 0

@@ -33,7 +33,7 @@ Training items
 Evaluation items (``augment=None``): ``dataset.eval_mode``
 ------------------------------------------------------------
 :func:`harness.engine.evaluate.evaluate` stacks ``budget.eval_batch_size`` items into one tensor,
-so every item of an evaluation batch must have the same size.  Three policies:
+so every item of an evaluation batch must have the same size.  Four policies:
 
 * ``whole`` -- the image and its labels at their native size, untouched (the CIRKD protocol:
   Cityscapes val at 1024 x 2048, CamVid at 360 x 480).  Only for splits whose images all have one
@@ -50,6 +50,17 @@ so every item of an evaluation batch must have the same size.  Three policies:
 * ``resize`` -- image (bilinear) and labels (nearest) resized to exactly ``eval_size``, aspect
   ratio not kept (the ``_val_sync_transform_resize`` convention of some KD code bases); scores are
   on the resized labels.
+
+* ``slide`` -- sliding-window inference (:func:`harness.engine.evaluate.slide_logits`, mmseg's
+  ``slide_inference``): windows of ``dataset.eval_crop`` [h, w] every ``dataset.eval_stride``
+  [h, w] pixels (both required, positive, stride <= crop), logits averaged where windows overlap.
+  The items are those of ``whole`` when ``eval_size`` is null (native size; one size per split) and
+  those of ``pad`` when it is set (native size unless larger than ``eval_size``, padded to it with 0
+  and ``ignore`` labels), and the windows slide over the item.  For a split of one size with
+  ``eval_size`` = that size (the Cityscapes and CamVid yaml) this is exactly mmseg's protocol; for a
+  split of mixed sizes the windows tile the padded ``eval_size`` canvas, not each image's own extent
+  (mmseg evaluates one image at a time for that), so the padded border is context as in ``pad``.
+  ``eval_crop`` / ``eval_stride`` set with another mode are refused rather than silently unused.
 
 Resizing uses ``align_corners=False`` bilinear / ``nearest-exact``, without anti-aliasing, like the
 training augmentation.
@@ -77,7 +88,7 @@ from harness.config import ConfigError
 from .transforms import SegTransform, normalize, pad_to, to_tensors
 
 IGNORE = 255
-EVAL_MODES = ("whole", "pad", "resize")
+EVAL_MODES = ("whole", "pad", "resize", "slide")
 # Bump when the label mapping or the tune carving changes: part of the class-frequency cache key.
 FOLDER_VERSION = 1
 
@@ -200,8 +211,9 @@ class FolderDataset(Dataset):
             value = cfg.get(key)
             if value is not None and (len(value) != 2 or min(int(v) for v in value) < 1):
                 raise ConfigError(f"dataset.{key} must be [height, width] with positive values, got {value}")
-        if mode != "whole" and cfg.get("eval_size") is None:
+        if mode in ("pad", "resize") and cfg.get("eval_size") is None:
             raise ConfigError(f"dataset.eval_mode={mode} needs dataset.eval_size=[height, width]")
+        check_slide(cfg, mode)
         fraction = float(cfg.get("tune_fraction", 0.1))
         if not 0 < fraction < 1:
             raise ConfigError(f"dataset.tune_fraction must be in (0, 1), got {fraction}")
@@ -248,13 +260,15 @@ class FolderDataset(Dataset):
         self.ignore_index = int(cfg.get("ignore_index", IGNORE))
         self.eval_mode = cfg.get("eval_mode", "whole")
         self.eval_size = None if cfg.get("eval_size") is None else [int(v) for v in cfg["eval_size"]]
+        # the items' geometry; slide: whole or pad (see the module docstring), the windows are the evaluator's
+        self.geometry = ("whole" if self.eval_size is None else "pad") if self.eval_mode == "slide" else self.eval_mode
         self.transform = SegTransform(cfg["mean"], cfg["std"], self.ignore_index, augment)
         self.generator: torch.Generator | None = None  # augmentation RNG; None = torch's global one
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.samples = self._split_samples(split)
         if not self.samples:
             raise self.error(f"split '{split}' has no images under {self.base}")
-        if augment is None and self.eval_mode == "whole":
+        if augment is None and self.geometry == "whole":
             self._check_one_size()
         self._frequencies = None
 
@@ -282,11 +296,13 @@ class FolderDataset(Dataset):
         for s in self.samples[1:]:
             size = image_size(s.image)
             if size != first:
+                fix = ("set dataset.eval_size=[H, W] >= the largest image (items padded to it, windows slide over "
+                       "them)" if self.eval_mode == "slide" else
+                       "set dataset.eval_mode=pad with dataset.eval_size=[H, W] >= the largest image, or eval_mode=resize")
                 raise ConfigError(
-                    f"dataset '{self.NAME}': eval_mode=whole evaluates every image at its native size, but "
+                    f"dataset '{self.NAME}': eval_mode={self.eval_mode} evaluates every image at its native size, but "
                     f"split '{self.split}' mixes sizes ({self.samples[0].image}: {first[0]}x{first[1]}, "
-                    f"{s.image}: {size[0]}x{size[1]}), which cannot be batched; set dataset.eval_mode=pad "
-                    f"with dataset.eval_size=[H, W] >= the largest image, or eval_mode=resize"
+                    f"{s.image}: {size[0]}x{size[1]}), which cannot be batched; {fix}"
                 )
 
     # ---------------------------------------------------------------------------------- items
@@ -314,7 +330,7 @@ class FolderDataset(Dataset):
             return self.transform(image, mask, self.generator)
         image, mask = to_tensors(image, mask)
         image = normalize(image, self.transform.mean, self.transform.std)
-        image, mask = eval_geometry(image, mask, self.eval_mode, self.eval_size, self.ignore_index)
+        image, mask = eval_geometry(image, mask, self.geometry, self.eval_size, self.ignore_index)
         return image.contiguous(), mask.contiguous()
 
     # ------------------------------------------------------------------------------ statistics
@@ -372,6 +388,26 @@ class FolderDataset(Dataset):
     def __repr__(self):
         return (f"{type(self).__name__}(root={str(self.base)!r}, split={self.split!r}, size={len(self)}, "
                 f"augment={self.transform.augment}, eval_mode={self.eval_mode!r}, eval_size={self.eval_size})")
+
+
+def check_slide(cfg: dict, mode: str) -> None:
+    """``eval_crop`` / ``eval_stride``: required by ``slide`` ([h, w], positive, stride <= crop), unused otherwise."""
+    crop, stride = cfg.get("eval_crop"), cfg.get("eval_stride")
+    if mode != "slide":
+        if crop is not None or stride is not None:
+            raise ConfigError(f"dataset.eval_crop / dataset.eval_stride are used only by dataset.eval_mode=slide, "
+                              f"but eval_mode={mode}; set eval_mode=slide or leave them null")
+        return
+    if crop is None or stride is None:
+        raise ConfigError("dataset.eval_mode=slide needs dataset.eval_crop=[height, width] (the window) and "
+                          "dataset.eval_stride=[height, width] (its step, <= the crop), e.g. eval_crop=[512,1024] "
+                          "eval_stride=[341,683]")
+    for key, value in (("eval_crop", crop), ("eval_stride", stride)):
+        if len(value) != 2 or min(int(v) for v in value) < 1:
+            raise ConfigError(f"dataset.{key} must be [height, width] with positive values, got {list(value)}")
+    if int(stride[0]) > int(crop[0]) or int(stride[1]) > int(crop[1]):
+        raise ConfigError(f"dataset.eval_stride {list(stride)} must not exceed dataset.eval_crop {list(crop)} "
+                          f"in either direction (pixels between windows would get no prediction)")
 
 
 def eval_geometry(image: torch.Tensor, mask: torch.Tensor, mode: str, size, ignore_index: int):

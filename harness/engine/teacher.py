@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from harness.config import ConfigError, stable_hash
 from harness.data import build_dataset
-from harness.engine.evaluate import evaluate
+from harness.engine.evaluate import evaluate, slide_window
 from harness.models import Segmenter, build_segmenter
 
 MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "width", "aux", "aux_weight",
@@ -160,7 +160,8 @@ def measure(cfg: dict, model: Segmenter) -> Dict:
     val = build_dataset(cfg["dataset"], "val", cache_dir=cache_dir)
     loader = DataLoader(val, batch_size=cfg["budget"]["eval_batch_size"], shuffle=False)
     device = next(model.parameters()).device
-    return evaluate(model, loader, val.num_classes, val.ignore_index, device, class_names=val.class_names)
+    return evaluate(model, loader, val.num_classes, val.ignore_index, device, class_names=val.class_names,
+                    slide=slide_window(cfg["dataset"]))
 
 
 def _measured(cfg: dict, path: Path, model: Segmenter) -> Dict:

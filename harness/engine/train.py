@@ -42,7 +42,7 @@ from harness import provenance
 from harness.config import arm_of, methods_of, run_hash
 from harness.data import build_dataset
 from harness.energy import EnergyMeter
-from harness.engine.evaluate import evaluate
+from harness.engine.evaluate import evaluate, slide_window
 from harness.methods import Batch, MethodContext, Progress, build_methods
 from harness.models import build_segmenter
 from harness.store import ResultsStore
@@ -156,7 +156,8 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
             if done % eval_every == 0 or done == iterations:
                 metrics = evaluate(student, eval_loader, num_classes, ignore, device,
-                                   budget["max_eval_images"], train_set.class_names)
+                                   budget["max_eval_images"], train_set.class_names,
+                                   slide=slide_window(cfg["dataset"]))
                 history.append({"iteration": done, "miou": metrics["miou"], "loss": float(loss.detach()),
                                 "pixel_accuracy": metrics["pixel_accuracy"],
                                 "per_class_iou": metrics["per_class_iou"]})
