@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from harness.config import stable_hash
-from harness.tables.common import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, source_lines
+from harness.tables.common import (MISSING, STUDENT_ONLY, Arm, Block, load_blocks, markdown_table,
+                                   source_lines)
 
 PER_IMAGES = 10_000
 INFERENCE_IMAGES = 64
@@ -141,7 +142,7 @@ def break_even(train_kwh: Optional[float], student_kwh_per_image: Optional[float
     if saving <= 0:
         return None, "never (the student is not cheaper than the teacher at inference)"
     n = train_kwh / saving
-    return n, f"{n:,.0f} images"
+    return n, (f"{n:,.0f} images" if n >= 10 else f"{n:.2g} images")
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -290,31 +291,31 @@ def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> T
             co2 = m["kwh_10k"] * intensity / 1000.0
         return fmt(m["kwh_10k"]), fmt(co2)
 
-    header = ("| model | val mIoU (%) | training energy (kWh) | training CO2 (kg) | "
-              f"inference energy (kWh / {PER_IMAGES:,} images) | inference CO2 (kg / {PER_IMAGES:,} images) |")
-    lines += [header, "|---|---|---|---|---|---|"]
+    header = ["model", "val mIoU (%)", "training energy (kWh)", "training CO2 (kg)",
+              f"inference energy (kWh / {PER_IMAGES:,} images)", f"inference CO2 (kg / {PER_IMAGES:,} images)"]
+    table: List[List[str]] = []
     used: List[Dict] = []
     summaries: Dict[str, Dict[str, Any]] = {}
     s_cells = inf_cells(inf_s, "no student configuration")
     baseline = block.baseline
     if baseline is None:
-        lines.append(f"| S (student-only, tuned) | {MISSING} (no student-only rerun in the database) | "
-                     f"{MISSING} | {MISSING} | {s_cells[0]} | {s_cells[1]} |")
+        table.append(["S (student-only, tuned)", f"{MISSING} (no student-only rerun in the database)",
+                      MISSING, MISSING, *s_cells])
     for label, arm in block.arms.items():
         summary = run_energy(arm.rows, intensity)
         summaries[label] = summary
         used += arm.rows
         name = "S (student-only, tuned)" if label == STUDENT_ONLY else f"S + {label}"
         kwh, co2 = energy_cells(summary)
-        lines.append(f"| {name} | {_miou_cell(arm)} | {kwh} | {co2} | {s_cells[0]} | {s_cells[1]} |")
+        table.append([name, _miou_cell(arm), kwh, co2, *s_cells])
     if block.teacher is not None:
         t_rows, t_why, t_miou = teacher_runs(store, [r for a in distilled for r in a.rows])
         t_summary = run_energy(t_rows, intensity)
         t_kwh, t_co2 = energy_cells(t_summary) if t_rows else (f"{MISSING} ({t_why})",) * 2
         t_inf = inf_cells(inf_t, "no teacher configuration")
         miou = f"{100 * t_miou:.2f} (re-measured, whole val split)" if t_miou is not None else MISSING
-        lines.append(f"| T ({block.teacher}) | {miou} | {t_kwh} | {t_co2} | {t_inf[0]} | {t_inf[1]} |")
-    lines.append("")
+        table.append([f"T ({block.teacher})", miou, t_kwh, t_co2, *t_inf])
+    lines += markdown_table(header, table) + [""]
     lines.append(f"S = {block.student}; training = mean per run over the arm's rerun seeds (+- std); "
                  "inference measured now (see below), weights freshly initialised.")
     lines.append("")
@@ -325,8 +326,8 @@ def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> T
         e_t = inf_t["kwh_10k"] / PER_IMAGES if inf_t and inf_t["kwh_10k"] is not None else None
         lines += ["Break-even: inference images after which distillation's training energy is paid back "
                   "by the distilled student's cheaper inference compared with the teacher, "
-                  "N = E_train(S + M) / (e_T - e_S).", "",
-                  "| arm | N (one training run) | N (whole tuning sweep of the arm) |", "|---|---|---|"]
+                  "N = E_train(S + M) / (e_T - e_S).", ""]
+        table = []
         for arm in distilled:
             one = break_even(summaries[arm.label]["kwh"], e_s, e_t)[1]
             sweep = sweep_energy(store, arm, intensity)
@@ -334,24 +335,25 @@ def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> T
             if sweep["total_kwh"] is not None and sweep["measured"] < sweep["rows"] and whole[0].isdigit():
                 whole = (f"at least {whole} ({sweep['rows'] - sweep['measured']} of {sweep['rows']} sweep rows "
                          f"without energy)")
-            lines.append(f"| S + {arm.label} | {one} | {whole} |")
-        lines.append("")
+            table.append([f"S + {arm.label}", one, whole])
+        lines += markdown_table(["arm", "N (one training run)", "N (whole tuning sweep of the arm)"], table) + [""]
 
     # tuning cost
     lines += ["Tuning cost: energy of every run of the arm's sweep (all stages and reruns; a sweep shared "
-              "by several methods, like the student-only arm's, is counted once per block).", "", "| arm | sweep rows | energy (kWh) | CO2 (kg) |", "|---|---|---|---|"]
+              "by several methods, like the student-only arm's, is counted once per block).", ""]
+    table = []
     for label, arm in block.arms.items():
         sweep = sweep_energy(store, arm, intensity)
         if not sweep["rows"]:
-            lines.append(f"| {label} | 0 | {MISSING} (no sweep id on the rerun rows) | {MISSING} |")
+            table.append([label, "0", f"{MISSING} (no sweep id on the rerun rows)", MISSING])
             continue
         kwh = fmt(sweep["total_kwh"]) if sweep["total_kwh"] is not None else f"{MISSING} (no row has energy)"
         co2 = fmt(sweep["total_co2"]) if sweep["total_co2"] is not None else MISSING
         if sweep["total_kwh"] is not None and sweep["measured"] < sweep["rows"]:
             kwh = f"at least {kwh} ({sweep['measured']} of {sweep['rows']} rows measured; trials stopped early " \
                   f"by ASHA are recorded without energy)"
-        lines.append(f"| {label} | {sweep['rows']} | {kwh} | {co2} |")
-    lines.append("")
+        table.append([label, str(sweep["rows"]), kwh, co2])
+    lines += markdown_table(["arm", "sweep rows", "energy (kWh)", "CO2 (kg)"], table) + [""]
 
     # how inference was measured, intensities
     for m, who in ((inf_s, "student"), (inf_t, "teacher")):

@@ -135,6 +135,8 @@ def optimisation_history(store, out_dir: Path, filters: Optional[dict] = None) -
     if not found:
         return [(None, f"optimisation history: no sweep rows in {store.url}")]
     out: List[Output] = []
+    from matplotlib.ticker import MaxNLocator
+
     for sweep_id, rows in found.items():
         stages = _stages(rows)
         fig, axes = _grid(len(stages))
@@ -154,6 +156,7 @@ def optimisation_history(store, out_dir: Path, filters: Optional[dict] = None) -
             split = srows[0].get("split") or MISSING
             ax.set_title(f"{stage} ({len(srows)} trials, {split})", fontsize=8)
             ax.set_xlabel("trial (recording order)", fontsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("mIoU (%)", fontsize=7)
             ax.tick_params(labelsize=7)
         fig.suptitle(f"Optimisation history -- {arm_name(rows)}\n"
