@@ -130,7 +130,7 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(batch.image)
-            s_out, t_out = as_float32(s_out), as_float32(t_out)
+            s_out, t_out = as_float32(s_out, features=bool(methods)), as_float32(t_out)
             terms = task_terms(s_out, batch.mask, ignore, cfg["student"])
             for method in methods:
                 weights = method.weights()
@@ -150,7 +150,8 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                 method.extra_step(s_out, t_out, batch, progress)
             done = k + 1
 
-            last_terms = {name: float(v.detach()) for name, v in terms.items()}
+            if k % 10 == 0 or done == iterations:  # each float() waits for the GPU: not every step
+                last_terms = {name: float(v.detach()) for name, v in terms.items()}
             bar.update(1)
             if k % 10 == 0 or done == iterations:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -242,13 +243,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def as_float32(out):
-    """A SegOutput whose tensors are float32 (the outputs of a bf16 forward, for the losses)."""
+def as_float32(out, features: bool = True):
+    """A SegOutput whose tensors are float32 (the outputs of a bf16 forward, for the losses);
+    `features=False` leaves the features alone (no method reads them in a student-only run)."""
     if out is None or out.logits.dtype == torch.float32:
         return out
     return type(out)(logits=out.logits.float(),
                      aux_logits=None if out.aux_logits is None else out.aux_logits.float(),
-                     features={name: f.float() for name, f in out.features.items()})
+                     features={name: f.float() for name, f in out.features.items()} if features else out.features)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
