@@ -33,7 +33,8 @@ Queues (registered buffers: `pixel_queue` K x N_p x C_t, `region_queue` K x N_r 
 write pointers `pixel_queue_ptr`, `region_queue_ptr`; `state_dict()` carries them, so a checkpoint
 restores the memory). Initialised with Gaussian noise from `ctx.generator`, L2-normalised per row.
 Updated inside `terms`, BEFORE the losses are computed (as the code; the paper's Algorithm 1 says
-after), with the normalised teacher feature, image by image, classes in ascending id (spec 7.4):
+after), with the normalised teacher feature of this process's batch (the reference all-gathers it
+from every GPU first), image by image, classes in ascending id (spec 7.4):
 * region: mean of the class's normalised teacher vectors in the image, re-normalised, written at
   ptr_r[k]; ptr_r[k] <- (ptr_r[k] + 1) mod N_r;
 * pixel: K' = min(n_k, `pixel_update_freq` = 16) vectors chosen by one `randperm(n_k)` from
@@ -54,22 +55,25 @@ Randomness: only `ctx.generator` (CPU): projector init, queue init, enqueue perm
 Draw order per call: for each image, for each class present: randperm(n_k); then randperm(N_p),
 randperm(N_r). A test replays it exactly.
 
-Cost and memory (chunking; the reference loops over image pairs and keeps every pair's autograd
-graph until backward, i.e. B^2 x ~5 A x A maps: 5 x 8192^2 x 4 B x 4 pairs = 5.4 GB at its B = 2):
-every KL over similarity rows goes through `similarity_kl_sum`, which splits the anchor/pixel rows
-into blocks of at most `chunk_elements` (default 2^24) similarity entries and wraps each block in
-`torch.utils.checkpoint` (the block's maps are recomputed in backward; only the normalised feature
-rows are stored). The mini-batch term computes, per block of R rows (any images), the R x (B*A) map
-against all images at once, one softmax per image column block. Peak transient memory is about
-8 x chunk_elements floats (~0.5 GB in float32 at the default) on top of the feature rows
-(B*A*(C_s+C_t) floats), whatever B and A: measured ~0.9 GB peak for B = 8, 64 x 128 map,
-C_s = 128, C_t = 256 (float32, CUDA `max_memory_allocated`; a naive (B*A)^2 map would be 17 GB per
-tensor). Compute is the method's own: 2 (B*A)^2 (C_s + C_t) flops forward, about 3x that with
-backward and recomputation. The memory terms are linear in A (n_anchor x K*k_p, chunked the same
-way). The queues themselves take K (N_p + N_r) C_t floats: 428 MB at K = 19, C_t = 256; 3.4 GB at
-C_t = 2048 (buffers, as in the reference). `batch_pool > 1` average-pools both features (kernel =
-stride = batch_pool, ceil_mode) before the mini-batch term, as the later CIRKDv2 code does for
-large maps; the CVPR'22 default is 1 (off).
+Cost and memory. The reference loops over image pairs and keeps every pair's autograd graph until
+backward (by inspection ~2-3 A x A float maps per pair: ~0.8 GB per pair at A = 64 x 128 = 8192,
+~3 GB at its B = 2, ~50 GB at B = 8). Here every KL over similarity rows goes through
+`similarity_kl_sum`: the rows are cut into blocks of at most `chunk_elements` (default 2^24)
+similarity entries and each block is wrapped in `torch.utils.checkpoint` (its maps are recomputed in
+backward; only the normalised feature rows are kept). The mini-batch term computes, per block of R
+rows (any images), the R x (B*A) map against all images at once, one softmax per image's column
+block; value and gradient do not depend on the chunking (tested). Peak memory therefore does not
+grow with B or A beyond the feature rows (B*A*(C_s + C_t) floats, a few copies). Measured (CPU,
+float32, process RSS increase over forward + backward, 64 x 128 map): mini-batch term B = 2,
+C_s = 128, C_t = 256: +0.35 GB; B = 8, C_s = C_t = 16: +0.34 GB (so B = 8 with 128/256 channels is
+about +0.35 GB + 0.3 GB of feature rows, < 1 GB; the naive (B*A)^2 map alone would be 17 GB);
+memory terms B = 8, K = 19, C_s = 128, C_t = 256 (65 536 anchors x 4104 queue rows): +0.49 GB.
+Compute is the method's own and large on a CPU: 2 (B*A)^2 (C_s + C_t) flops forward for the
+mini-batch term, ~3x with backward and recomputation (B = 8 at 64 x 128 took ~14 min per step on
+one loaded CPU thread; B = 2: ~100 s). The queues take K (N_p + N_r) C_t floats: 428 MB at K = 19,
+C_t = 256; 3.4 GB at C_t = 2048 (buffers, as in the reference). `batch_pool > 1` average-pools both
+features (kernel = stride = batch_pool, ceil_mode) before the mini-batch term: a cost knob, 1 = off
+as in the CVPR'22 code (the later CIRKDv2 code pools 4 x 4 only when h, w >= 256; not reproduced).
 
 Composition: the reference "CIRKD" recipe is L_CE (+0.4 aux) + pixel KD + alpha L_batch + beta
 L_p2p + gamma L_p2r (spec 7; its KD baselines also add the adversarial term): use
