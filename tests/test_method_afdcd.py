@@ -158,9 +158,19 @@ def test_contrastive_properties():
     assert 0 < same < math.log(1 + 4 * 2) and same < base
 
 
-def test_contrastive_map_too_small_is_refused_clearly():
-    with pytest.raises(ValueError, match="pool_size"):
-        contrastive_loss(randn(1, 4, 6, 6), randn(1, 4, 6, 6), 0.07, 2, 4, 4)
+def test_small_maps_adapt_pooling_then_patch():
+    """6x6 with pool 4 / patch 4 (64 px CPU crops give 8x8 stage4 maps): pooling is reduced to 1
+    (6 // 2 = 3 < 4), then the patch to what fits; the value equals the explicit call."""
+    from harness.methods.afdcd import fitted_sizes, pooled_and_cropped
+
+    assert fitted_sizes(6, 6, 4, 4) == (1, 4)
+    assert fitted_sizes(8, 8, 4, 4) == (2, 4)
+    assert fitted_sizes(3, 5, 4, 4) == (1, 3)
+    assert fitted_sizes(64, 128, 4, 4) == (4, 4)          # the papers' sizes are untouched
+    g, t = randn(1, 4, 6, 6, seed=1), randn(1, 4, 6, 6, seed=2)
+    assert float(contrastive_loss(g, t, 0.07, 2, 4, 4)) == float(contrastive_loss(g, t, 0.07, 2, 1, 4))
+    with pytest.raises(ValueError, match="pool_size"):   # the low-level helper still refuses
+        pooled_and_cropped(g, 4, 4)
 
 
 def test_gradcheck_terms():
@@ -305,9 +315,8 @@ def test_switched_off_terms_are_not_computed():
     student, teacher, batch = outputs(h=3, w=3)  # too small for a contrastive patch at pool 4 / patch 4
     m.cfg.update(pool_size=4, patch_size=4)
     assert set(m.terms(student, teacher, batch, Progress(0, 1))) == {"fd"} and m.weights() == {"fd": 1.0}
-    m.cfg.update(ctr_weight=1.0)
-    with pytest.raises(ValueError, match="patch_size"):
-        m.terms(student, teacher, batch, Progress(0, 1))
+    m.cfg.update(ctr_weight=1.0)                  # on: computed (with pooling and patch fitted to 3x3)
+    assert set(m.terms(student, teacher, batch, Progress(0, 1))) == {"fd", "ctr"}
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -40,8 +40,10 @@ Choices where the code is silent, dataset-specific or would crash (ours):
 * Maps whose pooled size is not a multiple of the patch size: cropped to the top-left largest
   multiple before patching. This is the code's CamVid branch (45 x 45 -> 44 x 44, no pooling,
   here `pool_size: 1`) generalised; at Cityscapes' 64 x 128 with pool 4 (16 x 32) nothing is cut.
-  A pooled map smaller than one patch is refused with a clear error (lower `pool_size` or
-  `patch_size`). The code's other pooling setting `pool_size: 0` is spelt 1 here (no pooling).
+  A map too small for one patch after pooling (64 px CPU crops: stage4 is 8 x 8; a stride-32
+  transformer stage) adapts instead of failing (`fitted_sizes`): pooling is reduced first, as the
+  code's CamVid setting does, then the patch; at the papers' sizes nothing changes. The code's
+  other pooling setting `pool_size: 0` is spelt 1 here (no pooling).
 * Teacher maps of another spatial size are resized bilinearly to the student's (`resized_like`).
 * Randomness: the random mask is drawn from `ctx.generator` (CPU), then moved to the feature's
   device, so a run is replayable and the global RNG is untouched; `keep_mask` is the one place it
@@ -148,6 +150,15 @@ def to_tokens(x: torch.Tensor, patch: int, groups: int) -> torch.Tensor:
     return x.reshape(b * (h // patch) * (w // patch), patch * patch * groups, c // groups)
 
 
+def fitted_sizes(h: int, w: int, pool_size: int, patch: int) -> tuple:
+    """(pool, patch) for an h x w map: the configured ones when the pooled map holds a patch; else
+    less pooling first (the code's CamVid setting switches pooling off for its small maps), then a
+    smaller patch (small crops on a CPU, stride-32 transformer stages)."""
+    while pool_size > 1 and min(h, w) // pool_size < patch:
+        pool_size -= 1
+    return pool_size, max(1, min(patch, h // pool_size, w // pool_size))
+
+
 def pooled_and_cropped(x: torch.Tensor, pool_size: int, patch: int) -> torch.Tensor:
     """Max-pool (kernel = stride = pool_size, floor), then crop top-left to multiples of `patch`."""
     h, w = (size // pool_size for size in x.shape[-2:])
@@ -165,6 +176,7 @@ def contrastive_loss(generated: torch.Tensor, teacher: torch.Tensor, tau: float,
     """L_ctr (spec 9): per patch, negative-L1 similarities between generated and teacher tokens;
     CE with the same-(position, group) teacher token as the positive and all other-group teacher
     tokens as negatives; summed over the anchors, divided by B h' w' (pooled, cropped size)."""
+    pool_size, patch = fitted_sizes(*generated.shape[-2:], pool_size, patch)
     g = pooled_and_cropped(generated, pool_size, patch)
     t = pooled_and_cropped(teacher, pool_size, patch)
     b, _, h, w = g.shape
