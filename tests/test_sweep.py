@@ -53,6 +53,9 @@ def test_default_protocol_expands_for_each_method():
     space = expand_space(weights.space, cfg)
     assert space["method.kd.weight"] == {"grid": [0.1, 1.0, 10.0]}
     assert "method.cwd.feature_weight" not in space  # a term switched off (default 0) is not searched
+    cirkd = expand_space(temperature.space, load_config(["+method=cirkd"]))
+    assert cirkd["method.cirkd.batch_p2p_tau"] == {"grid": [0.1, 0.2, 0.4, 0.8]}   # similarity temperature
+    assert cirkd["method.cirkd.contrast_kd_tau"] == {"grid": [1, 2, 4, 8]}        # softening temperature
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -190,6 +190,10 @@ def expand_space(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any]) -> Dict[
                 if default == 0:
                     continue
                 out[concrete] = {"grid": [round(default * f, 10) for f in values]}
+            elif kind == "grid" and path == "$temperatures" and 0 < default < 1:
+                # a similarity temperature (contrastive terms: 0.07, 0.1), not a softening one: the
+                # same grid as multiples of its default, not [1, 2, 4, 8] themselves
+                out[concrete] = {"grid": [round(default * v, 10) for v in values]}
             else:
                 out[concrete] = dist
     return out
