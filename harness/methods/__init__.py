@@ -13,6 +13,7 @@ from harness.methods.gskd import GSKD
 from harness.methods.heteroakd import HeteroAKD
 from harness.methods.ifvd import IFVD
 from harness.methods.kd import PixelKD
+from harness.methods.skd import SKD
 
 # One line per method; keep the list sorted by file name.
 _ALL = (
@@ -25,6 +26,7 @@ _ALL = (
     HeteroAKD,
     IFVD,
     PixelKD,
+    SKD,
 )
 METHODS: Dict[str, type] = {m.name: m for m in _ALL}
 
