@@ -63,6 +63,14 @@ def cmd_sweep(overrides: List[str]) -> int:
     except SweepError as e:
         print(f"sweep stopped: {e}", file=sys.stderr)
         return 1
+    if cfg["report"]["after_sweep"]:
+        # the whole evidence, not just this sweep's block: keep only where things are and how
+        # energy is counted, drop what selects the runs (method, dataset, models, budget)
+        where = [o for o in overrides if o.lstrip("+").startswith(("paths.", "store.", "energy.", "report."))]
+        print(f"\n[harness] regenerating the leaderboard and reports (report.after_sweep=false skips this)")
+        from harness.tables.plots import run_report
+
+        run_report(where)
     return 0
 
 

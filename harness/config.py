@@ -202,6 +202,7 @@ class SweepConfig:
 @dataclass
 class ReportConfig:
     min_seeds: int = 3  # tables mark comparisons with fewer rerun seeds per arm
+    after_sweep: bool = True  # regenerate leaderboard, tables and figures when a sweep ends
 
 
 @dataclass

@@ -23,5 +23,6 @@ def tiny(tmp_path, shared_cache):
             "budget.teacher_iterations=4", "student.head_channels=16",
             "teacher=pspnet_resnet34", "teacher.head_channels=16", "progress=false", "threads=2",
             f"energy.enabled={str(energy).lower()}",
-            f"paths.results={tmp_path / 'results'}", f"paths.cache={shared_cache}", *extra]
+            f"paths.results={tmp_path / 'results'}", f"paths.reports={tmp_path / 'reports'}",
+            f"paths.cache={shared_cache}", *extra]
     return make

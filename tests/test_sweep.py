@@ -115,6 +115,11 @@ def test_smoke_sweep_runs_every_stage_and_reuses_the_student_arm(ray_local, tiny
     out = capsys.readouterr().out
     assert "student-only: 2/2 trials already in the database" in out and "reused" in out
     assert len(rows(overrides, arm="student-only")) == before
+    # each sweep regenerated the evidence, with every method of the database in the leaderboard
+    cfg = load_config(overrides)
+    board = (Path(cfg["paths"]["results"]) / "leaderboard.md").read_text()
+    assert "regenerating the leaderboard" in out and "kd" in board and "cwd" in board
+    assert (Path(cfg["paths"]["reports"]) / "significance.md").exists()
 
 
 def test_failed_trials_never_win_and_crashes_are_retried_once(ray_local, tiny, tmp_path, capsys):
@@ -307,3 +312,25 @@ def test_dry_run_estimate_scales_with_iterations(tmp_path):
     assert a["flops_per_iteration"]["distilled"] > a["flops_per_iteration"]["student-only"] > 0
     assert b["teacher_training_flops"] == a["teacher_training_flops"]
     assert train(b) > 1.9 * train(a) - 1e9   # twice the iterations, twice the training (evaluations aside)
+
+
+def test_winners_come_from_the_stage_budget_only():
+    """Rows beyond a stage's budget (e.g. left by a concurrent sweep sharing the student arm) cannot
+    give one arm more trials: a TPE stage keeps its first `trials` rows, a grid its first row per point."""
+    from harness.sweep.protocol import Stage
+    from harness.sweep.runner import Unit, pick_winner, within_budget
+
+    def row(t, miou, **params):
+        return {"created_at": f"2026-01-01T00:00:0{t}", "final_miou": miou, "status": "completed",
+                "params_json": params}
+
+    tpe = Unit("student-only", "a", Stage("s", ["student-only"], "tpe", {"optim.lr": {}}, trials=2), "s", {}, {}, {},
+               {"optim.lr": {}}, [], 2)
+    rows = [row(3, 0.9, **{"optim.lr": 0.3}), row(1, 0.5, **{"optim.lr": 0.1}), row(2, 0.6, **{"optim.lr": 0.2})]
+    assert [r["final_miou"] for r in within_budget(rows, tpe)] == [0.5, 0.6]
+    assert pick_winner(within_budget(rows, tpe), tpe).params == {"optim.lr": 0.2}
+    grid = Unit("distilled", "b", Stage("g", ["distilled"], "grid", {}), "g", {}, {}, {}, {},
+                [{"method.kd.tau": 1.0}, {"method.kd.tau": 2.0}], 0)
+    rows = [row(1, 0.4, **{"method.kd.tau": 1.0}), row(2, 0.7, **{"method.kd.tau": 2.0}),
+            row(3, 0.9, **{"method.kd.tau": 2.0})]
+    assert [r["final_miou"] for r in within_budget(rows, grid)] == [0.4, 0.7]

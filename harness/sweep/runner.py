@@ -158,6 +158,34 @@ def make_unit(cfg, protocol, stage, arm, arm_id, name, base, fixed, lineage, spa
 
 
 def run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command: str) -> Winner:
+    """One stage (or sub-stage) of one arm. Two sweeps that share an arm (two methods' sweeps of the
+    same student, started together) take turns: the second waits for the first, then reuses its rows."""
+    from filelock import FileLock
+
+    locks = Path(cfg["paths"]["results"]) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = stable_hash([unit.arm_id, unit.name], 16)
+    with FileLock(str(locks / f"{name}.lock")):
+        rows = _run_unit(cfg, protocol, unit, store, command)
+    return pick_winner(within_budget(rows, unit), unit)
+
+
+def within_budget(rows: List[Dict[str, Any]], unit: Unit) -> List[Dict[str, Any]]:
+    """The rows a winner may come from: the first `trials` of a search stage, the first row of each
+    grid point or seed. Extra rows (left by a concurrent sweep of an older version) cannot give
+    one arm more trials than the other."""
+    rows = sorted(rows, key=lambda r: r["created_at"] or "")
+    if not unit.points:
+        return rows[:unit.trials]
+    kept = []
+    for point in unit.points:
+        match = next((r for r in rows if _same(point, r["params_json"])), None)
+        if match is not None:
+            kept.append(match)
+    return kept
+
+
+def _run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command: str) -> List[Dict[str, Any]]:
     done = [r for r in store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
     if unit.points:
         todo = [p for p in unit.points if not any(_same(p, r["params_json"]) for r in done)]
@@ -171,8 +199,7 @@ def run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command: 
             f"({unit.arm_id}), {verb}; {remaining} to run")
     if remaining:
         launch(cfg, protocol, unit, todo, remaining, done, command)
-    rows = [r for r in store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
-    return pick_winner(rows, unit)
+    return [r for r in store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
 
 
 def launch(cfg, protocol: Protocol, unit: Unit, todo, remaining: int, done, command: str) -> None:
