@@ -167,7 +167,10 @@ def gssm(m: torch.Tensor) -> torch.Tensor:
 
 
 def projection_head(c_in: int, c_out: int) -> nn.Sequential:
-    """CIRKD's / the GSKD code's student projector: Conv1x1-BN-ReLU-Conv1x1, no biases."""
+    """CIRKD's / the GSKD code's student projector: Conv1x1-BN-ReLU-Conv1x1, no biases. Its weights
+    come from the global random state, which the train loop seeds right before building the methods
+    (so runs replay exactly); unlike CIRKD's and CWD's projectors they are not drawn from
+    `ctx.generator`: changing that would change every stored GSKD result (results/)."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
                          nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 1, bias=False))
 
