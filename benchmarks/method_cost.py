@@ -18,8 +18,9 @@ after a warm-up, divided by the median time of one real training step of the stu
 (forward, CE + aux loss, backward, SGD step) at the same batch and input size.
 
 Peak memory: each (method, shape) runs in its own subprocess; the extra peak resident memory of the
-term (ru_maxrss after the first forward+backward minus ru_maxrss before it, inputs already built);
-on CUDA, torch.cuda.max_memory_allocated over the same span.
+term's first forward+backward (resident set sampled every 2 ms by a thread, minus the resident set
+before the call with the inputs built and freed heap returned to the OS); on CUDA,
+torch.cuda.max_memory_allocated over the same span.
 
 Writes results/benchmarks/method_cost.json and prints a Markdown table (docs/methods.md has it).
 """
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,14 +68,47 @@ def model_shapes(name: str, group: str, classes: int) -> dict:
 def fake_output(shapes: dict, classes: int, size, batch: int, gen: torch.Generator, grad: bool) -> SegOutput:
     h, w = size
 
-    def t(c, stride):
-        x = torch.randn(batch, c, -(-h // stride), -(-w // stride), generator=gen)
+    def t(c, stride):  # filled in place: no temporary that would raise the memory high-water mark
+        x = torch.empty(batch, c, -(-h // stride), -(-w // stride)).normal_(generator=gen)
         return x.requires_grad_(grad)
 
     os_ = shapes["output_stride"]
     feats = {name: t(c, shapes["strides"][name]) for name, c in shapes["channels"].items()}
     return SegOutput(logits=t(classes, os_), aux_logits=t(classes, os_) if shapes["aux"] else None,
                      features=feats)
+
+
+def rss_sampler(interval: float = 0.002):
+    """(resident memory now, a function returning the peak seen since): a thread samples the
+    process's resident set every `interval` s (ru_maxrss cannot be reset: earlier peaks hide later
+    ones). Freed heap memory is first given back to the OS so that `now` is the live memory."""
+    import ctypes
+    import threading
+
+    import psutil
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    proc = psutil.Process()
+    state = {"peak": proc.memory_info().rss, "run": True}
+    now = state["peak"]
+
+    def sample():
+        while state["run"]:
+            state["peak"] = max(state["peak"], proc.memory_info().rss)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+
+    def stop() -> int:
+        state["run"] = False
+        thread.join()
+        return max(state["peak"], proc.memory_info().rss)
+
+    return now, stop
 
 
 def student_step_seconds(shape: dict, repeats: int) -> float:
@@ -127,9 +160,9 @@ def measure_method(variant: str, shape_name: str, repeats: int, batch: int | Non
     methods = [m.to(device) for m in build_methods(cfg["method"], ctx)]
     student = fake_output(s_shapes, shape["classes"], shape["input"], shape["batch"], gen, True)
     teacher = fake_output(t_shapes, shape["classes"], shape["input"], shape["batch"], gen, False)
-    mask = torch.randint(0, shape["classes"], (shape["batch"], *shape["input"]), generator=gen)
+    mask = torch.empty(shape["batch"], *shape["input"], dtype=torch.long).random_(0, shape["classes"], generator=gen)
     mask[:, :2] = 255
-    batch_ = Batch(torch.randn(shape["batch"], 3, *shape["input"], generator=gen), mask)
+    batch_ = Batch(torch.empty(shape["batch"], 3, *shape["input"]).normal_(generator=gen), mask)
 
     def call(k: int):
         progress = Progress(k, 100)
@@ -150,9 +183,9 @@ def measure_method(variant: str, shape_name: str, repeats: int, batch: int | Non
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, peak = rss_sampler()
     call(60)  # past any warm-up of the method (HeteroAKD, BRD schedules)
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    peak_mb = (peak() - before) / 2 ** 20
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     times = []
