@@ -153,10 +153,11 @@ def describe(cfg: Dict[str, Any]) -> str:
         f"  ray      {s['ray']['address'] or 'local'}; {s['max_concurrent_trials']} concurrent trials x "
         f"({s['cpus_per_trial']} CPU, {s['gpus_per_trial']:g} GPU); retries {s['max_failures']}",
         "",
-        "  stage                          arm           search   trials  space",
     ]
+    width = max([len("stage")] + [len(r["stage"]) for r in e["rows"]])
+    lines.append(f"  {'stage':<{width}} {'arm':<13} {'search':<8} {'trials':>6}  space")
     for r in e["rows"]:
-        lines.append(f"  {r['stage']:<30} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
+        lines.append(f"  {r['stage']:<{width}} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
                      f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
     trials = sum(r["trials"] for r in e["rows"])
     unknown = sorted({r["stage"].split("[")[0] for r in e["rows"] if r["trials"] and not r["eval_images"]})
