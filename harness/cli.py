@@ -186,7 +186,7 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: python -m harness <command> [overrides ...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "overrides: group=option (dataset, student, teacher, optim, budget), +method=NAME or "
+    lines += ["", "overrides: group=option (dataset, student, teacher, optim, budget, recipe), +method=NAME or "
               "+method=[a,b], key=value (optim.lr=0.02 seed=3 method.kd.tau=4)",
               "python -m harness <command> --help lists the options of every group."]
     return "\n".join(lines)
@@ -195,7 +195,7 @@ def usage() -> str:
 def command_help(command: str) -> str:
     lines = [f"usage: python -m harness {command} [overrides ...]", "", COMMANDS[command][1], "",
              "config groups and their options:"]
-    for group in GROUPS:
+    for group in (*GROUPS, "recipe"):
         prefix = "+" if group == "method" else ""
         lines.append(f"  {prefix}{group}={{{','.join(available_options(group))}}}")
     lines += ["", "examples:", f"  python -m harness {command} budget=smoke",
