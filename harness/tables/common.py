@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import statistics
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from harness.config import stable_hash
@@ -274,3 +276,22 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
     return [line(cells[0]), rule] + [line(r) for r in cells[1:]]
+
+
+def publish(out_dir: Any, name: str, outputs: Dict[str, Any], quiet: bool, empty: str) -> Dict[str, Path]:
+    """Write `<out_dir>/<name>.<ext>` for each output (a text, or a function writing to the path),
+    echo the Markdown and the paths unless `quiet`, and say why a table is empty on stderr."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out / f"{name}.{ext}" for ext in outputs}
+    for ext, content in outputs.items():
+        if callable(content):
+            content(paths[ext])
+        else:
+            paths[ext].write_text(content)
+    if not quiet:
+        print(outputs["md"])
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if empty:
+        print(empty, file=sys.stderr)
+    return paths

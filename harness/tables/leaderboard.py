@@ -24,14 +24,13 @@ A missing number is never a 0: the cell says ``n/a`` and the notes under the blo
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import stats
 from harness.tables.common import (MISSING, STUDENT_ONLY, Arm, Block, fmt_p, load_blocks, markdown_table,
-                                   method_label, pct, source_lines, stars, tex, tex_title)
+                                   method_label, pct, publish, source_lines, stars, tex, tex_title)
 
 TESTS = ("welch", "mann-whitney")
 FILTER_KEYS = ("dataset", "student", "teacher", "budget", "method", "test")
@@ -363,19 +362,10 @@ def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, efficie
     if not tables:
         empty = (f"No completed rerun rows{' matching ' + shown if shown != 'none' else ''} in {store.url}: "
                  f"run python -m harness sweep +method=NAME first (its last stage, reruns, fills this table).")
-    out_dir = Path(cfg["paths"]["results"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "tex")}
-    md = to_markdown(tables, source, test, empty)
-    paths["md"].write_text(md)
-    paths["tex"].write_text(to_latex(tables, source, test, empty))
-    write_csv(csv_rows(tables, store.url, git_commit() or "", test), paths["csv"])
-    if not quiet:
-        print(md)
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if empty:
-        print(empty, file=sys.stderr)
-    return paths
+    return publish(cfg["paths"]["results"], "leaderboard", {
+        "md": to_markdown(tables, source, test, empty),
+        "csv": lambda path: write_csv(csv_rows(tables, store.url, git_commit() or "", test), path),
+        "tex": to_latex(tables, source, test, empty)}, quiet, empty)
 
 
 def split_filters(overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:

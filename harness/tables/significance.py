@@ -14,14 +14,13 @@ see ``harness.tables.common``) and every unordered pair of its arms (student-onl
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import stats
-from harness.tables.common import (MISSING, STUDENT_ONLY, Block, fmt_p, load_blocks, markdown_table, source_lines,
-                                   stars, tex, tex_title)
+from harness.tables.common import (MISSING, STUDENT_ONLY, Block, fmt_p, load_blocks, markdown_table, publish,
+                                   source_lines, stars, tex, tex_title)
 
 DAGGER = "+"          # Markdown marker of a cell below min_seeds (LaTeX: \dagger)
 
@@ -213,18 +212,8 @@ def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, quiet: 
     source = source_lines(store.url, rows, what="significance") + [f"Filters: {shown}; report.min_seeds = {min_seeds}"]
     empty = "" if mats else (f"No completed rerun rows in {store.url}: run python -m harness sweep +method=NAME "
                              f"first (its reruns stage gives the seeds compared here).")
-    out_dir = Path(cfg["paths"]["reports"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / "significance.md", "tex": out_dir / "significance.tex"}
-    md = to_markdown(mats, source, empty)
-    paths["md"].write_text(md)
-    paths["tex"].write_text(to_latex(mats, source, empty))
-    if not quiet:
-        print(md)
-        print(f"wrote {paths['md']}, {paths['tex']}")
-    if empty:
-        print(empty, file=sys.stderr)
-    return paths
+    return publish(cfg["paths"]["reports"], "significance",
+                   {"md": to_markdown(mats, source, empty), "tex": to_latex(mats, source, empty)}, quiet, empty)
 
 
 def cmd_significance(overrides: List[str]) -> int:
