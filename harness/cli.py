@@ -14,13 +14,8 @@ from typing import Callable, Dict, List, Tuple
 
 os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
 
-from harness.config import GROUPS, ConfigError, available_options, load_config, run_hash  # noqa: E402
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
+from harness.config import GROUPS, available_options, load_config, run_hash  # noqa: E402
+from harness.errors import EXIT_USAGE, ConfigError, UsageError  # noqa: E402
 
 
 def cmd_train(overrides: List[str]) -> int:

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 GROUPS = ("dataset", "student", "teacher", "method", "optim", "budget")
@@ -36,10 +38,6 @@ PRETRAINED_SOURCES = ("hub", "imagenet")  # student.pretrained=hub: torchvision'
 # The keys that define what a run computes; everything else (paths, device, logging) does not.
 RUN_DEFINING_KEYS = ("dataset", "student", "teacher", "method", "optim", "budget", "seed",
                      "train_split", "eval_split", "precision")
-
-
-class ConfigError(ValueError):
-    """A configuration the harness refuses to run; the message says what to write instead."""
 
 
 # --------------------------------------------------------------------------------------- schemas

@@ -30,7 +30,7 @@ KEEP_FROM_CURRENT = ("paths", "store", "energy", "progress")
 
 def parse_args(args: Sequence[str]) -> Tuple[str, Optional[int], List[str]]:
     """(row id, seed or None, config overrides) from `<row-id> [--seed N] [key=value ...]`."""
-    from harness.cli import UsageError
+    from harness.errors import UsageError
 
     args = list(args)
     seed: Optional[int] = None
@@ -75,7 +75,7 @@ def runs_behind(store, ident: str) -> Tuple[List[Dict[str, Any]], str]:
 
 
 def pick(rows: Sequence[Dict[str, Any]], seed: Optional[int]) -> Dict[str, Any]:
-    from harness.cli import UsageError
+    from harness.errors import UsageError
 
     if seed is None:
         return min(rows, key=lambda r: (r["seed"] if r["seed"] is not None else math.inf, r["created_at"] or ""))
@@ -124,7 +124,7 @@ def _pct(v: Optional[float]) -> str:
 
 
 def main(args: List[str]) -> int:
-    from harness.cli import UsageError
+    from harness.errors import UsageError
     from harness.config import load_config
     from harness.store import ResultsStore
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from harness.cli import COMMANDS, main
-from harness.config import ConfigError, PROJECT_ROOT, load_config, run_hash
+from harness.config import PROJECT_ROOT, load_config, run_hash
+from harness.errors import ConfigError
 
 
 def test_default_config_is_a_plain_validated_dict():

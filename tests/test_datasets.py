@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from harness.cli import main
-from harness.config import CONF_DIR, ConfigError, load_config
+from harness.config import CONF_DIR, load_config
+from harness.errors import ConfigError
 from harness.data import DATASETS, build_dataset
 from harness.store import ResultsStore
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import ConfigError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError
 from harness.engine.teacher import MODEL_KEYS, TeacherError, get_teacher, teacher_dir
 from harness.engine.train import poly_lr, run
 from harness.models import build_segmenter

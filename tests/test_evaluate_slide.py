@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness.config import ConfigError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError
 from harness.data import build_dataset
 from harness.engine.evaluate import (SlideWindow, confusion_matrix, evaluate, metrics_from_confusion, predict,
                                      slide_logits, slide_window, window_starts)

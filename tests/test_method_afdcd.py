@@ -336,7 +336,8 @@ def registered(monkeypatch):
 
 
 def test_yaml_states_the_schema_defaults_and_the_validator_checks(registered):
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     cfg = load_config(["+method=[kd,afdcd]"])
     assert cfg["method"]["afdcd"] == vars(AfDCD.Config())

@@ -433,7 +433,8 @@ def registered(monkeypatch):
 
 
 def test_yaml_defaults_validate(registered):
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     cfg = load_config(["+method=brd"])
     assert cfg["method"]["brd"] == vars(BRD.Config())  # the yaml states the schema's defaults

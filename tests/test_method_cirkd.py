@@ -506,7 +506,8 @@ def test_a_label_outside_the_classes_is_refused():
 
 # ------------------------------------------------------------------------- config and a real run
 def test_yaml_defaults_validate_and_compose_with_kd():
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     cfg = load_config(["+method=[kd,cirkd]"])
     assert set(cfg["method"]) == {"kd", "cirkd"}

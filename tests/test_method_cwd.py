@@ -224,7 +224,8 @@ def test_config_file_matches_the_schema(monkeypatch):
 
 def test_negative_weights_are_rejected_by_the_config_validator(monkeypatch):
     from harness import methods
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     monkeypatch.setitem(methods.METHODS, "cwd", ChannelWiseKD)
     for key in ("weight", "feature_weight"):

@@ -340,7 +340,8 @@ def registered(monkeypatch):
 
 
 def test_yaml_defaults_validate_and_compose_with_kd(registered):
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     cfg = load_config(["+method=[kd,gskd]"])
     assert set(cfg["method"]) == {"kd", "gskd"}

@@ -365,7 +365,8 @@ def registered(monkeypatch):
 
 
 def test_yaml_defaults_validate(registered):
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
     from harness.sweep.protocol import method_paths
 
     cfg = load_config(["+method=[kd,heteroakd]"])

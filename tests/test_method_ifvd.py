@@ -231,7 +231,8 @@ def registered(monkeypatch):
 
 
 def test_yaml_states_the_schema_defaults_and_the_validator_checks(registered):
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     assert load_config(["+method=ifvd"])["method"]["ifvd"] == vars(IFVD.Config())
     with pytest.raises(ConfigError, match="method.ifvd.weight' must be >= 0"):

@@ -467,7 +467,8 @@ def test_bad_values_are_rejected():
 
 # ------------------------------------------------------------------------- config and a real run
 def test_yaml_states_the_schema_defaults_and_validates():
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     assert harness.methods.METHODS["skd"] is SKD
     cfg = load_config(["+method=[kd,skd]"])

@@ -274,7 +274,8 @@ def test_pretrained_from_the_local_hub_cache_and_clear_errors(tmp_path, monkeypa
     absent -> a ConfigError naming the file; pretrained=false -> random initialisation."""
     import torchvision
 
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(ConfigError, match="resnet18-f37072fd.pth is in the torch hub cache"):

@@ -263,7 +263,8 @@ def test_missing_or_mismatched_pretrained_file_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------- config validation
 def test_presets_validate_and_bad_pairs_are_config_errors():
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
 
     c = load_config(["student=segformer_b0_small", "teacher=segformer_b1_small"])
     assert (c["student"]["backbone"], c["teacher"]["backbone"]) == ("mit_b0", "mit_b1")

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import PROJECT_ROOT, ConfigError, load_config
+from harness.config import PROJECT_ROOT, load_config
+from harness.errors import ConfigError
 from harness.store import ResultsStore
 from harness.sweep.protocol import expand_space, load_protocol, parse_protocol
 

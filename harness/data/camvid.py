@@ -18,7 +18,7 @@ images, minus ``tune``), ``tune`` (carved from those), ``val`` (``dataset.val_fo
 
 from __future__ import annotations
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 from .folder import FolderDataset, Sample, files_with_suffix, label_map
 

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 from .transforms import SegTransform, normalize, pad_to, to_tensors
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 from .folder import FolderDataset, Sample, label_map, read_id_list, read_label_png
 

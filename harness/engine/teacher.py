@@ -25,7 +25,8 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from harness.config import ConfigError, stable_hash
+from harness.config import stable_hash
+from harness.errors import ConfigError
 from harness.data import build_dataset
 from harness.engine.evaluate import evaluate, slide_window
 from harness.models import Segmenter, build_segmenter

@@ -11,15 +11,17 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from harness.config import PROJECT_ROOT, ConfigError
+from harness.config import PROJECT_ROOT
+from harness.errors import ConfigError
 
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 ARMS = ("student-only", "distilled")
-SEARCHES = ("tpe", "grid", "combine")
+RERUN = "rerun"  # the search kind of the stage whose rows are the evidence (fresh seeds, on val)
+SEARCHES = ("tpe", "grid", "combine", RERUN)
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "grid_scale")
 
 
@@ -46,6 +48,24 @@ class Protocol:
     asha: Dict[str, int]
     stages: List[Stage]
     raw: Dict[str, Any]
+
+
+def sub_stage_name(stage: str, path: str) -> str:
+    """The stage name of one path of an `each` stage: `weights[method.kd.weight]`."""
+    return f"{stage}[{path}]"
+
+
+def parse_stage_name(name: str) -> Tuple[str, Optional[str]]:
+    """(stage, path) of a stored stage name; path is None for a whole stage. Inverse of `sub_stage_name`."""
+    if name.endswith("]") and "[" in name:
+        stage, _, path = name[:-1].partition("[")
+        return stage, path
+    return name, None
+
+
+def rerun_stages(protocol: "Protocol") -> List[str]:
+    """Names of the protocol's rerun stages (search kind `rerun`), in order."""
+    return [s.name for s in protocol.stages if s.search == RERUN]
 
 
 def available_protocols(sweeps_dir: Path = SWEEPS_DIR) -> List[str]:
@@ -102,11 +122,11 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
         if parent not in earlier:
             raise ConfigError(f"{where} inherits from '{parent}', which is not an earlier stage "
                               f"(earlier stages: {', '.join(earlier) or 'none'})")
-    stage = Stage(name=name, arms=arms, search=s.get("search", "rerun" if s.get("seeds") else ""),
+    stage = Stage(name=name, arms=arms, search=s.get("search", RERUN if s.get("seeds") else ""),
                   space=dict(s.get("space") or {}), trials=s.get("trials"), inherits=list(s.get("inherits") or []),
                   early_stopping=s.get("early_stopping"), each=bool(s.get("each", False)),
                   seeds=s.get("seeds"), split=s.get("split", "val" if s.get("seeds") else "tune"))
-    if stage.search == "rerun":
+    if stage.search == RERUN:
         if not isinstance(stage.seeds, int) or stage.seeds < 1:
             raise ConfigError(f"{where}: seeds must be a positive integer")
         return stage

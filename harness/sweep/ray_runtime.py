@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Iterator, Optional
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness.config import ConfigError, methods_of, stable_hash
+from harness.config import methods_of, stable_hash
+from harness.errors import ConfigError
 from harness.store import ResultsStore
 from harness.sweep.protocol import Protocol, Stage, check_paths, expand_space, load_protocol
 from harness.sweep.trial import SEARCH_KEY, run_id_for, trainable

@@ -385,7 +385,7 @@ def split_filters(overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
         else:
             rest.append(ov)
     if "test" in filters and filters["test"] not in TESTS:
-        from harness.config import ConfigError
+        from harness.errors import ConfigError
 
         raise ConfigError(f"unknown test '{filters['test']}'. Valid: {', '.join(TESTS)}")
     return filters, rest

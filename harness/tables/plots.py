@@ -469,7 +469,8 @@ def run_report(overrides: List[str]) -> int:
     import traceback
 
     from harness.cli import COMMANDS
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.errors import ConfigError
     from harness.store import ResultsStore
     from harness.tables.energy import block_filters
 
