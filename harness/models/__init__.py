@@ -62,10 +62,23 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:
-    """Raise ValueError for a model config whose parts do not go together (config validation
-    calls it; names and CNN ranges are checked there)."""
+    """Raise ValueError for a model config no model can be built from: unknown backbone or head,
+    an output stride the backbone cannot give, a width outside (0, 1], or SegFormer parts that do
+    not go together. The one home of these checks: config validation and `build_segmenter` call it."""
+    backbone, head = _get(cfg, "backbone"), _get(cfg, "head")
+    if backbone not in MODEL_BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; valid choices: {', '.join(sorted(MODEL_BACKBONES))}")
+    if head not in MODEL_HEADS:
+        raise ValueError(f"unknown head {head!r}; valid choices: {', '.join(sorted(MODEL_HEADS))}")
+    width = float(_get(cfg, "width", 1.0))
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width}")
     if is_segformer_config(cfg):
         check_segformer_config(cfg)
+        return
+    output_stride = int(_get(cfg, "output_stride", 8))
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
 
 
 def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
@@ -76,19 +89,13 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> Segmenter:
     :func:`load_pretrained`, ``FileNotFoundError`` / ``ValueError`` for a
     missing or mismatching ``pretrained`` file.
     """
+    check_model_config(cfg)
     if is_segformer_config(cfg):
         return build_segformer(cfg, num_classes)
-    backbone_name = _get(cfg, "backbone")
-    head_name = _get(cfg, "head")
-    if backbone_name not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone_name!r}; valid choices: {sorted(MODEL_BACKBONES)}")
-    if head_name not in HEADS:
-        raise ValueError(f"unknown head {head_name!r}; valid choices: {sorted(MODEL_HEADS)}")
+    backbone_name, head_name = _get(cfg, "backbone"), _get(cfg, "head")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
     output_stride = int(_get(cfg, "output_stride", 8))
-    if output_stride not in (8, 16, 32):
-        raise ValueError(f"output_stride must be one of (8, 16, 32), got {output_stride!r}")
     head_channels = int(_get(cfg, "head_channels", DEFAULT_HEAD_CHANNELS[head_name]))
     dropout = float(_get(cfg, "dropout", 0.1))
     aux = bool(_get(cfg, "aux", True))
