@@ -79,8 +79,6 @@ FLOAT_COLUMNS: tuple[str, ...] = tuple(n for n, t in _COLUMN_SPECS if t is sa.Fl
 TEXT_COLUMNS: tuple[str, ...] = tuple(
     c for c in COLUMNS if c not in INT_COLUMNS and c not in FLOAT_COLUMNS and c not in JSON_COLUMNS
 )
-ARMS = ("student-only", "distilled", "teacher")
-STATUSES = ("completed", "failed", "running")
 
 _metadata = sa.MetaData()
 runs_table = sa.Table(

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import load_config
+from harness.config import load_config, run_hash
 from harness.errors import ConfigError
-from harness.engine.teacher import MODEL_KEYS, TeacherError, get_teacher, teacher_dir
-from harness.engine.train import poly_lr, run
+from harness.engine.loop import poly_lr
+from harness.engine.record import store_record
+from harness.engine.teacher import MODEL_KEYS, TeacherError, get_teacher, teacher_dir, teacher_for
+from harness.engine.train import run
 from harness.models import build_segmenter
 from harness.store import ResultsStore
 
@@ -18,6 +20,7 @@ NULLABLE = {"failure_reason", "sweep_id", "stage", "trial_id", "params_json", "t
 def test_student_run_stores_a_complete_record(tiny):
     cfg = load_config(tiny(energy=True))
     record = run(cfg, command="pytest").record
+    store_record(cfg, record)
     stored = ResultsStore(cfg["store"]["url"]).get(record["run_id"])
     missing = [k for k, v in stored.items() if v is None and k not in NULLABLE]
     assert not missing, f"record fields left empty: {missing}"
@@ -30,7 +33,7 @@ def test_student_run_stores_a_complete_record(tiny):
 
 def test_same_seed_same_result_different_seed_differs(tiny):
     def train(seed):
-        result = run(load_config(tiny(f"seed={seed}")), save_record=False)
+        result = run(load_config(tiny(f"seed={seed}")))
         return result.record, result.model.state_dict()
 
     (a, wa), (b, wb), (c, wc) = train(0), train(0), train(1)
@@ -48,11 +51,11 @@ def test_poly_schedule():
 
 def test_distilled_run_trains_the_teacher_once_then_reuses_it(tiny, capsys):
     cfg = load_config(tiny("+method=kd", "method.kd.tau=4", "budget.teacher_iterations=5"))
-    first = run(cfg).record
+    first = run(cfg, teacher=teacher_for(cfg)).record
     assert "training it first" in capsys.readouterr().err
     ckpt = teacher_dir(cfg) / "teacher.pt"
     stamp = ckpt.stat().st_mtime_ns
-    second = run(cfg).record
+    second = run(cfg, teacher=teacher_for(cfg)).record
     assert "training it first" not in capsys.readouterr().err and ckpt.stat().st_mtime_ns == stamp
     # training the teacher inside the first run must not change what the run computes
     assert first["history_json"] == second["history_json"]
@@ -93,7 +96,8 @@ def test_given_checkpoint_is_used_and_measured(tiny, tmp_path):
     model_cfg = {k: cfg["teacher"][k] for k in MODEL_KEYS}
     path = tmp_path / "teacher.pt"
     torch.save({"state_dict": build_segmenter(model_cfg, 9).state_dict()}, path)
-    record = run(load_config(tiny("+method=kd", f"teacher.checkpoint={path}")), save_record=False).record
+    cfg = load_config(tiny("+method=kd", f"teacher.checkpoint={path}"))
+    record = run(cfg, teacher=teacher_for(cfg)).record
     info = record["extra_json"]["teacher"]
     assert info["source"] == "checkpoint" and info["checkpoint"] == str(path) and info["val_images"] == 8
 
@@ -101,6 +105,7 @@ def test_given_checkpoint_is_used_and_measured(tiny, tmp_path):
 def test_diverging_run_is_recorded_as_failed(tiny):
     cfg = load_config(tiny("optim.lr=1e30", "budget.iterations=6"))
     record = run(cfg).record
+    store_record(cfg, record)
     assert record["status"] == "failed" and "loss became" in record["failure_reason"]
     assert ResultsStore(cfg["store"]["url"]).get(record["run_id"])["status"] == "failed"
 
@@ -112,7 +117,7 @@ def test_callback_sees_each_evaluation_and_can_stop_the_run(tiny):
         seen.append((iteration, metrics["miou"]))
         return True  # stop at the first evaluation
 
-    record = run(load_config(tiny()), callback=callback, save_record=False).record
+    record = run(load_config(tiny()), callback=callback).record
     assert [i for i, _ in seen] == [2] and not math.isnan(seen[0][1])
     assert record["status"] == "stopped" and record["iterations"] == 2
 
@@ -143,13 +148,15 @@ def test_progress_bar_shows_iteration_loss_and_lr(tiny, capsys):
 def test_precision_choice_and_autocast_up_to_the_device_boundary(tiny):
     """bf16 autocast runs (on CPU here, the same code path as CUDA up to the device), the losses stay
     float32, the record says which precision ran; `auto` is float32 on a CPU."""
-    from harness.engine.train import as_float32, autocast_dtype
+    from harness.engine.loop import as_float32
+    from harness.engine.train import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("fp32", torch.device("cuda")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    fp32 = run(load_config(tiny("+method=kd")), save_record=False).record
-    bf16 = run(load_config(tiny("+method=kd", "precision=bf16", "channels_last=true")), save_record=False).record
+    fp32_cfg, bf16_cfg = load_config(tiny("+method=kd")), load_config(tiny("+method=kd", "precision=bf16", "channels_last=true"))
+    fp32 = run(fp32_cfg, teacher=teacher_for(fp32_cfg)).record
+    bf16 = run(bf16_cfg, teacher=teacher_for(bf16_cfg)).record
     assert fp32["extra_json"]["precision"] == "float32" and bf16["extra_json"]["precision"] == "bfloat16"
     assert bf16["status"] == "completed" and all(math.isfinite(v) for v in bf16["extra_json"]["last_loss_terms"].values())
     assert bf16["config_hash"] != fp32["config_hash"]          # precision defines the run
@@ -163,3 +170,26 @@ def test_precision_choice_and_autocast_up_to_the_device_boundary(tiny):
 def test_fp16_is_refused_with_the_reason(tiny):
     with pytest.raises(ConfigError, match="must be one of auto, fp32, bf16.*loss scaling"):
         load_config(tiny("precision=fp16"))
+
+
+def test_run_record_has_one_shape_for_every_row(tiny):
+    """A RunRecord's row has exactly the store's columns (the store adds created_at); arm and status
+    are checked; a pruned trial's record is built the same way as a finished one's."""
+    from harness.engine.record import RunRecord
+    from harness.store import COLUMNS
+
+    cfg = load_config(tiny("+method=kd"))
+    record = RunRecord.of(cfg, "r1", "pytest", status="pruned", final_miou=0.1)
+    assert set(record.as_row()) == set(COLUMNS) - {"created_at"}
+    assert record["arm"] == "distilled" and record.methods == "kd" and record.teacher == cfg["teacher"]["name"]
+    assert record.config_hash == run_hash(cfg) and record.split == cfg["eval_split"]
+    assert record.replace(arm="teacher").arm == "teacher"
+    with pytest.raises(ValueError, match="status"):
+        record.replace(status="running")
+    with pytest.raises(ValueError, match="arm"):
+        record.replace(arm="both")
+
+
+def test_a_distilled_run_needs_its_teacher(tiny):
+    with pytest.raises(ValueError, match="teacher_for"):
+        run(load_config(tiny("+method=kd")))

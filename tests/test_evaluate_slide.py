@@ -18,6 +18,7 @@ from harness.engine.evaluate import (SlideWindow, confusion_matrix, evaluate, me
 from harness.models import SegOutput, build_segmenter
 
 from miniature import make_cityscapes, make_voc
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -295,7 +296,7 @@ def test_train_run_evaluates_with_the_sliding_window(minis, tiny, monkeypatch):
     overrides = [o for o in tiny() if not o.startswith(("dataset.", "threads="))] + ["threads=1"]
     cfg = load_config(city(minis, "dataset.eval_mode=slide", "dataset.eval_size=null", "dataset.eval_crop=[32,48]",
                            "dataset.eval_stride=[8,32]", *overrides))
-    result = train_module.run(cfg, save_record=False)
+    result = train_module.run(cfg, teacher=teacher_for(cfg))
     assert result.record["status"] == "completed"
     assert calls == [SlideWindow((32, 48), (8, 32))] * 2
     # the final mIoU is what slide inference of the returned model gives

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from harness.models import SegFormer, SegOutput, build_segmenter, count_parameters
 from harness.models.segformer import (
+from harness.engine.teacher import teacher_for
     MIT_SPECS,
     EfficientSelfAttention,
     MixFFN,
@@ -311,7 +312,7 @@ def test_cwd_feature_term_between_a_cnn_teacher_and_a_segformer_student():
 def _finite_run(cfg):
     from harness.engine.train import run
 
-    record = run(cfg, save_record=False).record
+    record = run(cfg, teacher=teacher_for(cfg)).record
     assert record["status"] == "completed", record["failure_reason"]
     terms = record["extra_json"]["last_loss_terms"]
     assert terms and all(math.isfinite(v) for v in terms.values()), terms

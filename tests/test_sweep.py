@@ -185,7 +185,7 @@ def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeyp
     import harness.engine.train as train_module
     from ray import tune
 
-    from harness.sweep.trial import trainable
+    from harness.sweep.trial import TrialSpec, trainable
 
     script = iter([0.30, 0.40, 0.05, 0.50])
     real_evaluate = train_module.evaluate
@@ -200,8 +200,8 @@ def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeyp
     monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_id": lambda self: "t0"})())
     overrides = tiny("budget.iterations=8", "budget.eval_interval=2")
     cfg = load_config(overrides)
-    spec = {"base": cfg, "fixed": {}, "arm_id": "arm", "stage": "lr", "split": "tune", "threads": 1,
-            "collapse_fraction": 0.5, "command": "test"}
+    spec = TrialSpec(base=cfg, fixed={}, arm_id="arm", stage="lr", stage_kind="tpe", split="tune", threads=1,
+                     collapse_fraction=0.5, command="test")
     trainable({"optim.lr": 0.01}, spec)
 
     assert [r["miou"] for r in reports] == [0.30, 0.40, 0.0]           # no 4th evaluation
@@ -209,6 +209,7 @@ def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeyp
     row = rows(overrides, run_id="arm:lr:t0")[0]
     assert row["status"] == "failed" and row["failure_reason"] == reports[-1]["failed"]
     assert row["iterations"] == 6 and row["params_json"] == {"optim.lr": 0.01}
+    assert row["extra_json"]["stage_kind"] == "tpe" and row["config_json"]["eval_split"] == "tune"
 
 
 def test_collapse_rule_ignores_noise_below_five_percent(tiny, monkeypatch):
@@ -216,7 +217,7 @@ def test_collapse_rule_ignores_noise_below_five_percent(tiny, monkeypatch):
     import harness.engine.train as train_module
     from ray import tune
 
-    from harness.sweep.trial import trainable
+    from harness.sweep.trial import TrialSpec, trainable
 
     script = iter([0.04, 0.01, 0.02, 0.03])
     real_evaluate = train_module.evaluate
@@ -225,8 +226,8 @@ def test_collapse_rule_ignores_noise_below_five_percent(tiny, monkeypatch):
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
     monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_id": lambda self: "t1"})())
     overrides = tiny("budget.iterations=8", "budget.eval_interval=2")
-    spec = {"base": load_config(overrides), "fixed": {}, "arm_id": "arm", "stage": "lr", "split": "tune",
-            "threads": 1, "collapse_fraction": 0.5, "command": "test"}
+    spec = TrialSpec(base=load_config(overrides), fixed={}, arm_id="arm", stage="lr", stage_kind="tpe",
+                     split="tune", threads=1, collapse_fraction=0.5, command="test")
     trainable({}, spec)
     assert [r["miou"] for r in reports] == [0.04, 0.01, 0.02, 0.03]
     assert rows(overrides, run_id="arm:lr:t1")[0]["status"] == "completed"
@@ -319,19 +320,19 @@ def test_winners_come_from_the_stage_budget_only():
     """Rows beyond a stage's budget (e.g. left by a concurrent sweep sharing the student arm) cannot
     give one arm more trials: a TPE stage keeps its first `trials` rows, a grid its first row per point."""
     from harness.sweep.protocol import Stage
-    from harness.sweep.runner import Unit, pick_winner, within_budget
+    from harness.sweep.runner import StageRun, pick_winner, within_budget
 
     def row(t, miou, **params):
         return {"created_at": f"2026-01-01T00:00:0{t}", "final_miou": miou, "status": "completed",
                 "params_json": params}
 
-    tpe = Unit("student-only", "a", Stage("s", ["student-only"], "tpe", {"optim.lr": {}}, trials=2), "s", {}, {}, {},
-               {"optim.lr": {}}, [], 2)
+    tpe = StageRun(arm="student-only", arm_id="a", stage=Stage("s", ["student-only"], "tpe", {"optim.lr": {}}, trials=2),
+                   name="s", base={}, fixed={}, lineage={}, space={"optim.lr": {}}, points=[], trials=2)
     rows = [row(3, 0.9, **{"optim.lr": 0.3}), row(1, 0.5, **{"optim.lr": 0.1}), row(2, 0.6, **{"optim.lr": 0.2})]
     assert [r["final_miou"] for r in within_budget(rows, tpe)] == [0.5, 0.6]
     assert pick_winner(within_budget(rows, tpe), tpe).params == {"optim.lr": 0.2}
-    grid = Unit("distilled", "b", Stage("g", ["distilled"], "grid", {}), "g", {}, {}, {}, {},
-                [{"method.kd.tau": 1.0}, {"method.kd.tau": 2.0}], 0)
+    grid = StageRun(arm="distilled", arm_id="b", stage=Stage("g", ["distilled"], "grid", {}), name="g", base={},
+                    fixed={}, lineage={}, space={}, points=[{"method.kd.tau": 1.0}, {"method.kd.tau": 2.0}], trials=0)
     rows = [row(1, 0.4, **{"method.kd.tau": 1.0}), row(2, 0.7, **{"method.kd.tau": 2.0}),
             row(3, 0.9, **{"method.kd.tau": 2.0})]
     assert [r["final_miou"] for r in within_budget(rows, grid)] == [0.4, 0.7]

@@ -8,7 +8,8 @@ student's hyperparameters never does. A file lock makes concurrent trials wait f
 instead of each training its own.
 
 Every teacher handed to a method is frozen: eval mode, requires_grad False, called under no-grad.
-Checkpoints are loaded with `weights_only=True`.
+Checkpoints are loaded with `weights_only=True`. A missing teacher is trained by
+`harness.engine.train.run` (the one training path) and its record stored like any run's.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from filelock import FileLock
@@ -29,6 +30,8 @@ from harness.config import stable_hash
 from harness.errors import ConfigError
 from harness.data import build_dataset
 from harness.engine.evaluate import evaluate, slide_window
+from harness.engine.record import store_record
+from harness.engine.train import resolve_device, run
 from harness.models import Segmenter, build_segmenter
 
 MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "width", "aux", "aux_weight",
@@ -50,7 +53,19 @@ def teacher_dir(cfg: dict) -> Path:
     return Path(cfg["paths"]["cache"]) / "teachers" / f"{cfg['teacher']['name']}-{teacher_key(cfg)}"
 
 
-def get_teacher(cfg: dict, device: torch.device, command: str = "") -> Tuple[Segmenter, Dict]:
+class Teacher(NamedTuple):
+    model: Segmenter   # frozen, on the run's device
+    info: Dict         # provenance: source, checkpoint, sha256, val mIoU re-measured
+
+
+def teacher_for(cfg: dict, command: str = "") -> Optional[Teacher]:
+    """The teacher a run of `cfg` distils from (None for a student-only run), on the run's device."""
+    if not cfg["method"]:
+        return None
+    return get_teacher(cfg, resolve_device(cfg["device"]), command)
+
+
+def get_teacher(cfg: dict, device: torch.device, command: str = "") -> Teacher:
     """The frozen teacher for `cfg` and its provenance record."""
     if cfg["teacher"]["checkpoint"]:
         path = Path(cfg["teacher"]["checkpoint"])
@@ -58,7 +73,7 @@ def get_teacher(cfg: dict, device: torch.device, command: str = "") -> Tuple[Seg
         info = _measured(cfg, path, model)
     else:
         model, info = cached_or_trained(cfg, command)
-    return freeze(model.to(device)), info
+    return Teacher(freeze(model.to(device)), info)
 
 
 def cached_or_trained(cfg: dict, command: str = "") -> Tuple[Segmenter, Dict]:
@@ -79,13 +94,13 @@ def cached_or_trained(cfg: dict, command: str = "") -> Tuple[Segmenter, Dict]:
 
 
 def train_teacher(cfg: dict, folder: Path, command: str = "") -> Tuple[Segmenter, Dict]:
-    from harness.engine.train import run
-
     tcfg = teacher_training_config(cfg)
-    result = run(tcfg, command=command or "teacher", arm="teacher",
-                 extra={"teacher_key": teacher_key(cfg)})
-    if result.record["status"] != "completed":
-        raise RuntimeError(f"training the teacher failed: {result.record['failure_reason']}")
+    result = run(tcfg, command=command or "teacher", label="teacher")
+    record = result.record.replace(arm="teacher", extra_json={**result.record.extra_json,
+                                                              "teacher_key": teacher_key(cfg)})
+    store_record(tcfg, record)
+    if record.status != "completed":
+        raise RuntimeError(f"training the teacher failed: {record.failure_reason}")
     ckpt = folder / "teacher.pt"
     tmp = folder / f".teacher.{os.getpid()}.tmp"
     torch.save(result.model.state_dict(), tmp)
@@ -95,8 +110,8 @@ def train_teacher(cfg: dict, folder: Path, command: str = "") -> Tuple[Segmenter
     meta = {"source": "trained", "key": teacher_key(cfg), "name": cfg["teacher"]["name"],
             "checkpoint": str(ckpt), "sha256": sha256_of(ckpt), "val_miou": metrics["miou"],
             "val_per_class_iou": metrics["per_class_iou"], "val_images": metrics["images"],
-            "trained_by_run": result.record["run_id"], "iterations": result.record["iterations"],
-            "train_time_s": result.record["train_time_s"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "trained_by_run": record.run_id, "iterations": record.iterations,
+            "train_time_s": record.train_time_s, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = folder / f".meta.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, folder / "meta.json")

@@ -1,24 +1,17 @@
-"""One training run: data -> student (+ frozen teacher) -> method terms -> SGD -> evaluation.
+"""One training run: data -> student (+ frozen teacher) -> method terms -> `fit` -> a `RunRecord`.
 
-`run(cfg)` is the single training code path. `python -m harness train` calls it directly; the
-sweep calls the same function inside a Ray Tune trial, passing `callback` to receive each
-evaluation (and to stop the run early). The loop:
+`run(cfg, teacher=...)` is the single training code path. `python -m harness train` calls it
+directly, the sweep calls the same function inside a Ray Tune trial (passing `callback` to receive
+each evaluation and to stop the run early), the teacher is trained by it, and `reproduce` re-runs a
+stored configuration with it. It sets the run up, hands the loop to `harness.engine.loop.fit` and
+returns the record; the caller stores it (`harness.engine.record.store_record`), so a run is never
+lost to the database and never written twice.
 
-    for k in 0 .. iterations-1:
-        lr_k = lr * (1 - k / iterations) ** poly_power              (set before the step)
-        loss = CE(up(logits), y) + aux_weight * CE(up(aux), y)       (task, CIRKD protocol)
-             + sum over methods, terms: weight * term(student, teacher, batch, progress)
-        SGD step (momentum, weight decay); methods with their own optimiser step after it
-        every eval_interval iterations and at the end: evaluate on eval_split -> callback
+A distilled run needs its teacher (`harness.engine.teacher.teacher_for(cfg)`); the caller gets it
+first, so that training a missing teacher does not disturb this run's random state.
 
-A non-finite loss ends the run as `failed` with the reason; the record is still written.
-
-On a GPU: `precision` (bf16 autocast around the student's and the teacher's forward passes; the
-losses are computed in float32 from float32 copies of the outputs, so no loss scaling is needed),
-`channels_last`, `cudnn_benchmark` (only when `deterministic` is off), pinned memory and
-`num_workers` DataLoader processes. The teacher runs in eval mode under `torch.no_grad()`, not
-`inference_mode()`: its outputs enter terms whose backward saves them (KL, affinities), which
-inference tensors may not be.
+On a GPU: `precision` (bf16 autocast; losses in float32), `channels_last`, `cudnn_benchmark` (only
+when `deterministic` is off), pinned memory and `num_workers` DataLoader processes.
 """
 from __future__ import annotations
 
@@ -30,56 +23,47 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from harness import provenance
-from harness.config import arm_of, methods_of, run_hash
+from harness.config import arm_of
 from harness.data import build_dataset
 from harness.energy import EnergyMeter
 from harness.engine.evaluate import evaluate, slide_window
-from harness.methods import Batch, MethodContext, Progress, build_methods
+from harness.engine.loop import EvalCallback, fit
+from harness.engine.record import RunRecord
+from harness.methods import MethodContext, build_methods
 from harness.models import build_segmenter
-from harness.store import ResultsStore
-
-# callback(iteration, metrics) -> None to go on, True to stop the run early ("stopped"), or a
-# string to end it as "failed" with that reason (the sweep's collapse rule)
-EvalCallback = Callable[[int, Dict[str, object]], Optional[object]]
 
 
 @dataclass
 class RunResult:
-    record: Dict[str, object]
+    record: RunRecord
     model: torch.nn.Module
     history: List[Dict[str, object]] = field(default_factory=list)
 
 
-def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None,
-        arm: Optional[str] = None, save_record: bool = True, extra: Optional[dict] = None,
-        fields: Optional[dict] = None) -> RunResult:
-    """Train and evaluate `cfg`; `fields` are record columns set by the caller (sweep, stage,
-    trial, params, run_id)."""
+def run(cfg: dict, *, teacher=None, command: str = "", callback: Optional[EvalCallback] = None,
+        run_id: Optional[str] = None, label: Optional[str] = None) -> RunResult:
+    """Train and evaluate `cfg`. `teacher`: the `Teacher` of a distilled run (required when `cfg`
+    selects a method). `label` names the progress bar (default: the arm)."""
+    if cfg["method"] and teacher is None:
+        raise ValueError("a distilled run needs its teacher: run(cfg, teacher=teacher_for(cfg))")
     started = time.time()
-    run_id = (fields or {}).get("run_id") or uuid.uuid4().hex
-    arm = arm or arm_of(cfg)
+    run_id = run_id or uuid.uuid4().hex
     device = resolve_device(cfg["device"])
-    teacher, teacher_info = None, None
-    if cfg["method"]:  # first: training a missing teacher must not disturb this run's random state
-        from harness.engine.teacher import get_teacher  # the teacher itself is trained by run()
-        teacher, teacher_info = get_teacher(cfg, device=device)
     seed_everything(cfg["seed"], cfg["deterministic"], device)
     torch.set_num_threads(cfg["threads"])
     amp_dtype = autocast_dtype(cfg["precision"], device)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     if device.type == "cuda" and cfg["cudnn_benchmark"] and not cfg["deterministic"]:
         torch.backends.cudnn.benchmark = True
-    if teacher is not None:
-        teacher = teacher.to(memory_format=memory_format)
+    t_model = teacher.model.to(memory_format=memory_format) if teacher is not None else None
     budget, optim_cfg = cfg["budget"], cfg["optim"]
 
     # data
@@ -92,13 +76,13 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
 
-    # models and methods
+    # models, methods, optimiser
     student = build_segmenter(cfg["student"], num_classes).to(device, memory_format=memory_format).train()
     methods = build_methods(cfg["method"], MethodContext(
         num_classes=num_classes, ignore_index=ignore,
         student_channels=student.feature_channels, student_strides=student.feature_strides,
-        teacher_channels=teacher.feature_channels if teacher else {},
-        teacher_strides=teacher.feature_strides if teacher else {},
+        teacher_channels=t_model.feature_channels if t_model is not None else {},
+        teacher_strides=t_model.feature_strides if t_model is not None else {},
         generator=torch.Generator().manual_seed(cfg["seed"] + 1)))
     methods = [m.to(device) for m in methods]
     shared = [p for m in methods if m.own_optimizer() is None for p in m.parameters()]
@@ -106,114 +90,45 @@ def run(cfg: dict, *, command: str = "", callback: Optional[EvalCallback] = None
                                 momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"],
                                 nesterov=optim_cfg["nesterov"])
 
+    def evaluate_student():
+        return evaluate(student, eval_loader, num_classes, ignore, device, budget["max_eval_images"],
+                        train_set.class_names, slide=slide_window(cfg["dataset"]))
+
     # the loop
-    iterations, eval_every = budget["iterations"], budget["eval_interval"]
-    history: List[Dict[str, object]] = []
-    status, failure, done, last_terms = "completed", None, 0, {}
     with EnergyMeter(cfg["energy"], run_id, str(Path(cfg["paths"]["results"]) / "energy"),
                      gpu_used=device.type == "cuda") as energy:
-        bar = tqdm(total=iterations, desc=f"{arm}:{cfg['student']['name']}", unit="it", file=sys.stderr,
-                   disable=not cfg["progress"], dynamic_ncols=True, mininterval=0.5)
-        train_started = time.time()
-        for k in range(iterations):
-            lr = poly_lr(optim_cfg["lr"], k, iterations, optim_cfg["poly_power"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            image, mask = next(batches)
-            batch = Batch(image.to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                          mask.to(device, non_blocking=True))
-            progress = Progress(k, iterations)
+        with tqdm(total=budget["iterations"], desc=f"{label or arm_of(cfg)}:{cfg['student']['name']}", unit="it",
+                  file=sys.stderr, disable=not cfg["progress"], dynamic_ncols=True, mininterval=0.5) as bar:
+            done = fit(student, optimizer, batches, iterations=budget["iterations"],
+                       eval_every=budget["eval_interval"], evaluate=evaluate_student, lr=optim_cfg["lr"],
+                       poly_power=optim_cfg["poly_power"], model_cfg=cfg["student"], ignore_index=ignore,
+                       methods=methods, teacher=t_model, grad_clip_norm=optim_cfg["grad_clip_norm"],
+                       device=device, amp_dtype=amp_dtype, memory_format=memory_format,
+                       callback=callback, bar=bar)
 
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                s_out = student(batch.image)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(batch.image)
-            s_out, t_out = as_float32(s_out, features=bool(methods)), as_float32(t_out)
-            terms = task_terms(s_out, batch.mask, ignore, cfg["student"])
-            for method in methods:
-                weights = method.weights()
-                for name, value in method.terms(s_out, t_out, batch, progress).items():
-                    terms[f"{method.name}.{name}"] = weights[name] * value
-            loss = sum(terms.values())
-
-            if not torch.isfinite(loss):
-                status, failure = "failed", f"loss became {loss.item()} at iteration {k}"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim_cfg["grad_clip_norm"]:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), optim_cfg["grad_clip_norm"])
-            optimizer.step()
-            for method in methods:
-                method.extra_step(s_out, t_out, batch, progress)
-            done = k + 1
-
-            if k % 10 == 0 or done == iterations:  # each float() waits for the GPU: not every step
-                last_terms = {name: float(v.detach()) for name, v in terms.items()}
-            bar.update(1)
-            if k % 10 == 0 or done == iterations:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-            if done % eval_every == 0 or done == iterations:
-                metrics = evaluate(student, eval_loader, num_classes, ignore, device,
-                                   budget["max_eval_images"], train_set.class_names,
-                                   slide=slide_window(cfg["dataset"]))
-                history.append({"iteration": done, "miou": metrics["miou"], "loss": float(loss.detach()),
-                                "pixel_accuracy": metrics["pixel_accuracy"],
-                                "per_class_iou": metrics["per_class_iou"]})
-                decision = callback(done, metrics) if callback is not None else None
-                if isinstance(decision, str):
-                    status, failure = "failed", decision
-                    break
-                if decision:
-                    status, failure = "stopped", f"stopped by the caller after iteration {done}"
-                    break
-        train_time = time.time() - train_started
-        bar.close()
-
+    # the record
+    history = done.history
     final = history[-1] if history else None
     best = max(history, key=lambda h: h["miou"] if not math.isnan(h["miou"]) else -1) if history else None
-    record = {
-        "run_id": run_id, "command": command, "config_json": cfg, "config_hash": run_hash(cfg),
-        "arm": arm, "methods": ",".join(methods_of(cfg)), "dataset": cfg["dataset"]["name"],
-        "student": cfg["student"]["name"], "teacher": cfg["teacher"]["name"] if teacher else None,
-        "seed": cfg["seed"], "split": cfg["eval_split"], "status": status, "failure_reason": failure,
-        "final_miou": final["miou"] if final else None, "best_miou": best["miou"] if best else None,
-        "best_iteration": best["iteration"] if best else None,
-        "pixel_accuracy": final["pixel_accuracy"] if final else None,
-        "per_class_iou_json": final["per_class_iou"] if final else None,
-        "history_json": [{k: h[k] for k in ("iteration", "miou", "loss", "pixel_accuracy")} for h in history],
-        "iterations": done, "wall_time_s": time.time() - started, "train_time_s": train_time,
-        "energy_kwh": energy.result.get("energy_kwh"), "co2_kg": energy.result.get("co2_kg"),
-        "carbon_intensity_g_per_kwh": energy.result.get("carbon_intensity_g_per_kwh"),
-        "energy_json": energy.result, "git_commit": provenance.git_commit(),
-        "versions_json": provenance.versions(), "host": provenance.host(),
-        "extra_json": {"teacher": teacher_info, "device": str(device), "last_loss_terms": last_terms,
-                       "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
-                       **(extra or {})},
-        **{k: v for k, v in (fields or {}).items() if k != "run_id"},
-    }
-    if save_record:
-        ResultsStore(cfg["store"]["url"]).append(record)
+    record = RunRecord.of(
+        cfg, run_id, command, status=done.status, failure_reason=done.failure,
+        final_miou=final["miou"] if final else None, best_miou=best["miou"] if best else None,
+        best_iteration=best["iteration"] if best else None,
+        pixel_accuracy=final["pixel_accuracy"] if final else None,
+        per_class_iou_json=final["per_class_iou"] if final else None,
+        history_json=[{k: h[k] for k in ("iteration", "miou", "loss", "pixel_accuracy")} for h in history],
+        iterations=done.iterations, wall_time_s=time.time() - started, train_time_s=done.train_time_s,
+        energy_kwh=energy.result.get("energy_kwh"), co2_kg=energy.result.get("co2_kg"),
+        carbon_intensity_g_per_kwh=energy.result.get("carbon_intensity_g_per_kwh"),
+        energy_json=energy.result, git_commit=provenance.git_commit(),
+        versions_json=provenance.versions(), host=provenance.host(),
+        extra_json={"teacher": teacher.info if teacher is not None else None, "device": str(device),
+                    "last_loss_terms": done.last_terms,
+                    "precision": str(amp_dtype or torch.float32).replace("torch.", "")})
     return RunResult(record=record, model=student, history=history)
 
 
-def task_terms(out, mask: torch.Tensor, ignore: int, model_cfg: dict) -> Dict[str, torch.Tensor]:
-    """Cross-entropy on logits upsampled to the label size (+ weighted aux head), ignore excluded."""
-    size = mask.shape[-2:]
-    terms = {"ce": F.cross_entropy(F.interpolate(out.logits, size=size, mode="bilinear", align_corners=True),
-                                   mask, ignore_index=ignore)}
-    if out.aux_logits is not None and model_cfg["aux"]:
-        aux = F.interpolate(out.aux_logits, size=size, mode="bilinear", align_corners=True)
-        terms["aux"] = model_cfg["aux_weight"] * F.cross_entropy(aux, mask, ignore_index=ignore)
-    return terms
-
-
-def poly_lr(base_lr: float, k: int, total: int, power: float) -> float:
-    return base_lr * (1 - k / total) ** power
-
-
+# ----------------------------------------------------------------------------- the environment
 def infinite_batches(dataset, batch_size: int, seed: int, workers: int, device: torch.device) -> Iterator:
     """Reshuffled epochs forever; the order depends only on the seed."""
     if len(dataset) < batch_size:
@@ -241,16 +156,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def as_float32(out, features: bool = True):
-    """A SegOutput whose tensors are float32 (the outputs of a bf16 forward, for the losses);
-    `features=False` leaves the features alone (no method reads them in a student-only run)."""
-    if out is None or out.logits.dtype == torch.float32:
-        return out
-    return type(out)(logits=out.logits.float(),
-                     aux_logits=None if out.aux_logits is None else out.aux_logits.float(),
-                     features={name: f.float() for name, f in out.features.items()} if features else out.features)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:

@@ -1,6 +1,6 @@
 """What a sweep would run, without running it: `python -m harness sweep ... --dry-run`.
 
-The plan is computed by the same code the runner uses (`prepare`, `expand_space`, `make_unit`), so
+The plan is computed by the same code the runner uses (`prepare`, `stage_runs`), so
 the stages, search spaces, trial counts and resources printed are the ones a real run would use.
 Trials already in the results database are not subtracted (the plan is of the whole protocol).
 
@@ -22,37 +22,30 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from harness.config import methods_of
-from harness.sweep.protocol import expand_space
-from harness.sweep.runner import arm_config, make_unit, prepare
+from harness.sweep.protocol import parse_stage_name
+from harness.sweep.runner import prepare, stage_runs
 
 
 def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Stages x arms with their spaces and trial counts (the runner's own `make_unit`)."""
+    """Stages x arms with their spaces and trial counts (the runner's own `stage_runs`)."""
     protocol, ids = prepare(cfg)
     stages: List[Dict[str, Any]] = []
     for stage in protocol.stages:
         for arm in stage.arms:
-            base = arm_config(cfg, arm)
+            common = {"arm": arm, "search": stage.search, "split": stage.split, "inherits": stage.inherits}
             if stage.search == "combine":
-                stages.append({"stage": stage.name, "arm": arm, "search": "combine", "space": {},
-                               "trials": 1, "split": stage.split, "inherits": stage.inherits,
+                stages.append({**common, "stage": stage.name, "space": {}, "trials": 1,
                                "note": "at most 1 trial: the isolated winners together, run only when they "
                                        "differ from the best single change"})
                 continue
-            space = expand_space(stage.space, base)
-            if stage.search != "rerun" and not space:
-                stages.append({"stage": stage.name, "arm": arm, "search": stage.search, "space": {}, "trials": 0,
-                               "split": stage.split, "inherits": stage.inherits,
+            runs = stage_runs(cfg, stage, arm, ids[arm])
+            if not runs:
+                stages.append({**common, "stage": stage.name, "space": {}, "trials": 0,
                                "note": "nothing to search for this arm; winners carried over"})
-                continue
-            groups = [{p: d} for p, d in space.items()] if stage.each else [space]
-            for group in groups:
-                name = f"{stage.name}[{next(iter(group))}]" if stage.each else stage.name
-                unit = make_unit(cfg, protocol, stage, arm, ids[arm], name, base, {}, {}, group)
-                stages.append({"stage": name, "arm": arm, "search": stage.search, "space": group,
-                               "trials": len(unit.points) if unit.points else unit.trials, "split": stage.split,
-                               "inherits": stage.inherits, "early_stopping": stage.early_stopping,
-                               "note": ""})
+            for unit in runs:
+                stages.append({**common, "stage": unit.name, "space": unit.space,
+                               "trials": len(unit.points) if unit.points else unit.trials,
+                               "early_stopping": stage.early_stopping, "note": ""})
     return {"protocol": protocol.name, "arm_ids": ids, "stages": stages}
 
 
@@ -160,7 +153,7 @@ def describe(cfg: Dict[str, Any]) -> str:
         lines.append(f"  {r['stage']:<{width}} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
                      f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
     trials = sum(r["trials"] for r in e["rows"])
-    unknown = sorted({r["stage"].split("[")[0] for r in e["rows"] if r["trials"] and not r["eval_images"]})
+    unknown = sorted({parse_stage_name(r["stage"])[0] for r in e["rows"] if r["trials"] and not r["eval_images"]})
     lines += ["", f"  {trials} trials in all (upper bound: ASHA stops some early), "
                   f"{e['total_flops'] / 1e15:.1f} PFLOPs incl. teacher training"
                   + (" and evaluation" if not unknown else

@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.config import methods_of, stable_hash
 from harness.errors import ConfigError
 from harness.store import ResultsStore
-from harness.sweep.protocol import Protocol, Stage, check_paths, expand_space, load_protocol
-from harness.sweep.trial import SEARCH_KEY, run_id_for, trainable
+from harness.sweep.protocol import (RERUN, Protocol, Stage, check_paths, expand_space, load_protocol,
+                                    parse_stage_name, sub_stage_name)
+from harness.sweep.trial import SEARCH_KEY, TrialSpec, trainable
 
 FINISHED = ("completed", "pruned", "failed")
 
@@ -44,18 +45,36 @@ class Winner:
 
 
 @dataclass
-class Unit:
+class StageRun:
     """One Ray Tune experiment: a stage (or one sub-stage of an `each` stage) for one arm."""
     arm: str
     arm_id: str
     stage: Stage
-    name: str                       # stage name, or stage[path] for sub-stages
+    name: str                       # the stored stage name: stage, or sub_stage_name(stage, path)
     base: Dict[str, Any]            # the arm's config
     fixed: Dict[str, Any]           # inherited winners
     lineage: Dict[str, str]
     space: Dict[str, Dict[str, Any]]
     points: List[Dict[str, Any]]    # grid / combine / rerun candidates
-    trials: int
+    trials: int                     # tpe: trials to run (points: one per point)
+
+    def spec(self, sweep: "Sweep") -> TrialSpec:
+        s = sweep.cfg["sweep"]
+        return TrialSpec(base=self.base, fixed=self.fixed, arm_id=self.arm_id, stage=self.name,
+                         stage_kind=self.stage.search, split=self.stage.split,
+                         threads=max(1, int(s["cpus_per_trial"])), collapse_fraction=s["collapse_fraction"],
+                         command=sweep.command,
+                         gpu_share=s["gpus_per_trial"] if 0 < s["gpus_per_trial"] < 1 else None)
+
+
+@dataclass
+class Sweep:
+    """What every stage of one sweep shares."""
+    cfg: Dict[str, Any]
+    protocol: Protocol
+    ids: Dict[str, str]             # arm -> arm id
+    store: ResultsStore
+    command: str = ""
 
 
 def arm_ids(cfg: Dict[str, Any], protocol: Protocol) -> Dict[str, str]:
@@ -95,25 +114,22 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
         f"{cfg['teacher']['name']} on {cfg['dataset']['name']} (budget {cfg['budget']['name']})")
     say(f"  arms: {ids['student-only']}  |  {ids['distilled']}")
 
-    from harness.engine.teacher import get_teacher
-    from harness.engine.train import resolve_device
+    from harness.engine.teacher import teacher_for
 
     if any("distilled" in s.arms for s in protocol.stages):  # trained once, before any trial
-        get_teacher(cfg, resolve_device(cfg["device"]), command=command)
+        teacher_for(cfg, command)
 
+    sweep = Sweep(cfg, protocol, ids, store, command)
     winners: Dict[Tuple[str, str], Winner] = {}
     started = time.time()
     with ray_session(cfg["sweep"]["ray"]["address"], cfg["sweep"]["ray"]["num_cpus"], cfg["paths"]["results"]):
         for stage in protocol.stages:
             for arm in stage.arms:
-                winners[(arm, stage.name)] = run_stage(cfg, protocol, stage, arm, ids[arm], winners, store, command)
-    summary = final_summary(store, ids, protocol, winners, time.time() - started)
-    return summary
+                winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners)
+    return final_summary(sweep, winners, time.time() - started)
 
 
-def run_stage(cfg, protocol: Protocol, stage: Stage, arm: str, arm_id: str,
-              winners: Dict[Tuple[str, str], Winner], store: ResultsStore, command: str) -> Winner:
-    base = arm_config(cfg, arm)
+def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner]) -> Winner:
     fixed, lineage = {}, {}
     parents = [winners[(arm, p)] for p in stage.inherits if (arm, p) in winners]  # others: not this arm's
     for parent in parents:
@@ -122,30 +138,41 @@ def run_stage(cfg, protocol: Protocol, stage: Stage, arm: str, arm_id: str,
     started = time.time()
     if stage.search == "combine":
         singles = [p.best_single for p in parents if p.best_single is not None]
-        result = combine_stage(cfg, protocol, stage, arm, arm_id, base, fixed, lineage,
-                               singles[-1] if singles else None, store, command)
+        result = combine_stage(sweep, stage, arm, fixed, lineage, singles[-1] if singles else None)
     else:
-        space = expand_space(stage.space, base)
-        if stage.search != "rerun" and not space:
-            say(f"[{stage.name}] {arm}: nothing to search for {'+'.join(methods_of(cfg))} (no matching "
+        runs = stage_runs(sweep.cfg, stage, arm, sweep.ids[arm], fixed, lineage)
+        if not runs:
+            say(f"[{stage.name}] {arm}: nothing to search for {'+'.join(methods_of(sweep.cfg))} (no matching "
                 f"parameters), winners carried over")
             return Winner(fixed, None, lineage)
-        groups = [{p: d} for p, d in space.items()] if stage.each else [space]
-        results = []
-        for group in groups:
-            name = f"{stage.name}[{next(iter(group))}]" if stage.each else stage.name
-            unit = make_unit(cfg, protocol, stage, arm, arm_id, name, base, fixed, lineage, group)
-            results.append(run_unit(cfg, protocol, unit, store, command))
+        results = [run_unit(sweep, r) for r in runs]
         result = merge_each(stage, results, fixed, lineage) if stage.each else results[0]
-    stage_summary(store, arm_id, stage, arm, result, time.time() - started)
+    stage_summary(sweep, stage, arm, result, time.time() - started)
     return result
 
 
-def make_unit(cfg, protocol, stage, arm, arm_id, name, base, fixed, lineage, space) -> Unit:
+def stage_runs(cfg: Dict[str, Any], stage: Stage, arm: str, arm_id: str, fixed: Optional[Dict[str, Any]] = None,
+               lineage: Optional[Dict[str, str]] = None) -> List[StageRun]:
+    """The experiments of a search or rerun stage for one arm: one, or one per path of an `each`
+    stage; none when the arm has nothing to search there. (`combine` stages: `combine_stage`.)"""
+    base = arm_config(cfg, arm)
+    space = expand_space(stage.space, base)
+    if stage.search != RERUN and not space:
+        return []
+    groups = [{p: d} for p, d in space.items()] if stage.each else [space]
+    return [stage_run(cfg, stage, arm, arm_id, base, group, dict(fixed or {}), dict(lineage or {}),
+                      sub_stage_name(stage.name, next(iter(group))) if stage.each else stage.name)
+            for group in groups]
+
+
+def stage_run(cfg: Dict[str, Any], stage: Stage, arm: str, arm_id: str, base: Dict[str, Any],
+              space: Dict[str, Dict[str, Any]], fixed: Dict[str, Any], lineage: Dict[str, str], name: str) -> StageRun:
+    """The trials of one experiment: TPE's count, the grid's points or the rerun seeds, capped by the
+    budget's `sweep_max_trials` / `sweep_rerun_seeds` (smoke sweeps)."""
     cap = cfg["budget"]["sweep_max_trials"]
     points: List[Dict[str, Any]] = []
     trials = 0
-    if stage.search == "rerun":
+    if stage.search == RERUN:
         seeds = min(stage.seeds, cfg["budget"]["sweep_rerun_seeds"] or stage.seeds)
         points = [{"seed": cfg["seed"] + 1 + i} for i in range(seeds)]  # fresh seeds: not the search seed
     elif stage.search == "grid":
@@ -155,23 +182,24 @@ def make_unit(cfg, protocol, stage, arm, arm_id, name, base, fixed, lineage, spa
         points = points[:cap] if cap else points
     else:
         trials = min(stage.trials, cap) if cap else stage.trials
-    return Unit(arm, arm_id, stage, name, base, fixed, lineage, space, points, trials)
+    return StageRun(arm=arm, arm_id=arm_id, stage=stage, name=name, base=base, fixed=fixed, lineage=lineage,
+                    space=space, points=points, trials=trials)
 
 
-def run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command: str) -> Winner:
+def run_unit(sweep: Sweep, unit: StageRun) -> Winner:
     """One stage (or sub-stage) of one arm. Two sweeps that share an arm (two methods' sweeps of the
     same student, started together) take turns: the second waits for the first, then reuses its rows."""
     from filelock import FileLock
 
-    locks = Path(cfg["paths"]["results"]) / "locks"
+    locks = Path(sweep.cfg["paths"]["results"]) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     name = stable_hash([unit.arm_id, unit.name], 16)
     with FileLock(str(locks / f"{name}.lock")):
-        rows = _run_unit(cfg, protocol, unit, store, command)
+        rows = _run_unit(sweep, unit)
     return pick_winner(within_budget(rows, unit), unit)
 
 
-def within_budget(rows: List[Dict[str, Any]], unit: Unit) -> List[Dict[str, Any]]:
+def within_budget(rows: List[Dict[str, Any]], unit: StageRun) -> List[Dict[str, Any]]:
     """The rows a winner may come from: the first `trials` of a search stage, the first row of each
     grid point or seed. Extra rows (left by a concurrent sweep of an older version) cannot give
     one arm more trials than the other."""
@@ -186,8 +214,8 @@ def within_budget(rows: List[Dict[str, Any]], unit: Unit) -> List[Dict[str, Any]
     return kept
 
 
-def _run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command: str) -> List[Dict[str, Any]]:
-    done = [r for r in store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
+def _run_unit(sweep: Sweep, unit: StageRun) -> List[Dict[str, Any]]:
+    done = [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
     if unit.points:
         todo = [p for p in unit.points if not any(_same(p, r["params_json"]) for r in done)]
         total = len(unit.points)
@@ -199,23 +227,20 @@ def _run_unit(cfg, protocol: Protocol, unit: Unit, store: ResultsStore, command:
         say(f"[{unit.name}] {unit.arm}: {len(done)}/{total} trials already in the database "
             f"({unit.arm_id}), {verb}; {remaining} to run")
     if remaining:
-        launch(cfg, protocol, unit, todo, remaining, done, command)
-    return [r for r in store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
+        launch(sweep, unit, todo, remaining, done)
+    return [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
 
 
-def launch(cfg, protocol: Protocol, unit: Unit, todo, remaining: int, done, command: str) -> None:
+def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    sweep = cfg["sweep"]
-    budget = cfg["budget"]
+    cfg, protocol = sweep.cfg, sweep.protocol
+    resources_cfg, budget = cfg["sweep"], cfg["budget"]
     evaluations = math.ceil(budget["iterations"] / budget["eval_interval"])
-    spec = {"base": unit.base, "fixed": unit.fixed, "arm_id": unit.arm_id, "stage": unit.name,
-            "split": unit.stage.split, "threads": max(1, int(sweep["cpus_per_trial"])),
-            "collapse_fraction": sweep["collapse_fraction"], "command": command,
-            "gpu_share": sweep["gpus_per_trial"] if 0 < sweep["gpus_per_trial"] < 1 else None}
+    spec = unit.spec(sweep)
     if unit.points:
         param_space = {SEARCH_KEY: tune.grid_search(todo)}
         search_alg, num_samples = None, 1
@@ -234,17 +259,17 @@ def launch(cfg, protocol: Protocol, unit: Unit, todo, remaining: int, done, comm
                                reduction_factor=protocol.asha["reduction_factor"],
                                stop_last_trials=False)  # a trial that reaches the end writes its own row
                  if unit.stage.early_stopping == "asha" else FIFOScheduler())
-    resources = {"cpu": sweep["cpus_per_trial"], "gpu": sweep["gpus_per_trial"]}
+    resources = {"cpu": resources_cfg["cpus_per_trial"], "gpu": resources_cfg["gpus_per_trial"]}
     name = f"{unit.arm_id}-{unit.name}-{int(time.time())}".replace(":", "_").replace("[", "_").replace("]", "")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, spec=spec), resources),
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
-                                    max_concurrent_trials=sweep["max_concurrent_trials"], reuse_actors=True,
+                                    max_concurrent_trials=resources_cfg["max_concurrent_trials"], reuse_actors=True,
                                     trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg["paths"]["results"]) / "ray" / "runs"),
-                                  failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
-                                  callbacks=[RecordCallback(cfg, unit, evaluations, command)], verbose=0))
+                                  failure_config=tune.FailureConfig(max_failures=resources_cfg["max_failures"]),
+                                  callbacks=[RecordCallback(sweep, unit, spec, evaluations)], verbose=0))
     tuner.fit()
 
 
@@ -256,9 +281,9 @@ def domain(dist: Dict[str, Any]):
             "choice": lambda: tune.choice(values)}[kind]()
 
 
-def pick_winner(rows: List[Dict[str, Any]], unit: Unit) -> Winner:
+def pick_winner(rows: List[Dict[str, Any]], unit: StageRun) -> Winner:
     completed = [r for r in rows if r["status"] == "completed" and r["final_miou"] is not None]
-    if unit.stage.search == "rerun":
+    if unit.stage.search == RERUN:
         return Winner(unit.fixed, statistics.mean(r["final_miou"] for r in completed) if completed else None,
                       unit.lineage)
     if not completed:
@@ -274,7 +299,7 @@ def merge_each(stage: Stage, results: List[Winner], fixed, lineage) -> Winner:
     params, lin = dict(fixed), dict(lineage)
     for w in results:
         for p, stage_name in w.lineage.items():
-            if stage_name.startswith(stage.name + "["):
+            if parse_stage_name(stage_name) == (stage.name, p):
                 params[p] = w.params[p]
                 lin[p] = stage_name
     best = max(results, key=lambda w: w.miou or 0)
@@ -282,13 +307,14 @@ def merge_each(stage: Stage, results: List[Winner], fixed, lineage) -> Winner:
     return Winner(params, best.miou if params == best.params else None, lin, best_single=best)
 
 
-def combine_stage(cfg, protocol, stage, arm, arm_id, base, fixed, lineage, best_single: Optional[Winner],
-                  store, command) -> Winner:
+def combine_stage(sweep: Sweep, stage: Stage, arm: str, fixed: Dict[str, Any], lineage: Dict[str, str],
+                  best_single: Optional[Winner]) -> Winner:
     """The isolated winners together, one trial; kept only if it beats the best single change."""
     if best_single is None or best_single.params == fixed:
         return Winner(fixed, best_single.miou if best_single else None, lineage)
-    unit = Unit(arm, arm_id, stage, stage.name, base, {}, lineage, {}, [fixed], 0)
-    together = run_unit(cfg, protocol, unit, store, command)
+    unit = StageRun(arm=arm, arm_id=sweep.ids[arm], stage=stage, name=stage.name, base=arm_config(sweep.cfg, arm),
+                    fixed={}, lineage=lineage, space={}, points=[fixed], trials=0)
+    together = run_unit(sweep, unit)
     if together.miou is not None and (best_single.miou is None or together.miou >= best_single.miou):
         return Winner(fixed, together.miou, lineage)
     say(f"[{stage.name}] {arm}: the winners together ({100 * (together.miou or 0):.2f}) do not beat the best "
@@ -311,11 +337,10 @@ def _callback_base():
 
 
 class RecordCallback(_callback_base()):
-    """Driver side: one line per finished trial; rows for trials stopped by ASHA or crashed."""
+    """Driver side: one line per finished trial; records for trials stopped by ASHA or crashed."""
 
-    def __init__(self, cfg, unit: Unit, evaluations: int, command: str):
-        self.cfg, self.unit, self.evaluations, self.command = cfg, unit, evaluations, command
-        self.store = ResultsStore(cfg["store"]["url"])
+    def __init__(self, sweep: Sweep, unit: StageRun, spec: TrialSpec, evaluations: int):
+        self.sweep, self.unit, self.spec, self.evaluations = sweep, unit, spec, evaluations
         self.started: Dict[str, float] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -325,33 +350,30 @@ class RecordCallback(_callback_base()):
         self._finish(trial, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, error=f"trial crashed {self.cfg['sweep']['max_failures'] + 1} time(s): "
+        self._finish(trial, error=f"trial crashed {self.sweep.cfg['sweep']['max_failures'] + 1} time(s): "
                                   f"{_error_text(trial)}")
 
     def _finish(self, trial, error: Optional[str]) -> None:
-        run_id = run_id_for(self.unit.arm_id, self.unit.name, trial.trial_id)
-        row = self.store.get(run_id)
-        last = trial.last_result or {}
-        if row is None:
-            from harness.sweep.trial import apply_params, trial_params
+        from harness.engine.record import RunRecord, store_record
 
-            params = trial_params(trial.config, self.unit.fixed)
-            cfg = apply_params(self.unit.base, params)
-            status = "failed" if error else "pruned"
+        spec = self.spec
+        row = self.sweep.store.get(spec.run_id(trial.trial_id))
+        last = trial.last_result or {}
+        if row is None:  # the trial did not store its own record: pruned, or crashed
+            params = spec.params(trial.config)
+            cfg = spec.config(params)
             reason = error or (f"stopped by ASHA after {last.get('iteration')} iterations"
                                f" ({last.get('training_iteration')} of {self.evaluations} evaluations)")
-            row = {"run_id": run_id, "command": self.command, "config_json": cfg, "arm": self.unit.arm,
-                   "methods": ",".join(methods_of(cfg)), "dataset": cfg["dataset"]["name"],
-                   "student": cfg["student"]["name"], "teacher": cfg["teacher"]["name"] if cfg["method"] else None,
-                   "seed": cfg["seed"], "split": self.unit.stage.split, "status": status, "failure_reason": reason,
-                   "sweep_id": self.unit.arm_id, "stage": self.unit.name, "trial_id": trial.trial_id,
-                   "params_json": params, "final_miou": last.get("miou"), "best_miou": last.get("miou"),
-                   "iterations": last.get("iteration"),
-                   "wall_time_s": time.time() - self.started.get(trial.trial_id, time.time())}
-            from harness.config import run_hash
-
-            row["config_hash"] = run_hash(cfg)
-            self.store.append(row)
+            record = RunRecord.of(cfg, spec.run_id(trial.trial_id), spec.command,
+                                  status="failed" if error else "pruned", failure_reason=reason,
+                                  final_miou=last.get("miou"), best_miou=last.get("miou"),
+                                  iterations=last.get("iteration"),
+                                  wall_time_s=time.time() - self.started.get(trial.trial_id, time.time()),
+                                  extra_json={"stage_kind": spec.stage_kind},
+                                  **{k: v for k, v in spec.record_fields(trial.trial_id, params).items()
+                                     if k != "run_id"})
+            store_record(cfg, record)
+            row = record.as_row()
         shown = {k.split(".")[-1] if k.startswith("optim.") else k: _fmt(v)
                  for k, v in row["params_json"].items() if k not in self.unit.fixed or k in self.unit.space or k == "seed"}
         miou = row["final_miou"]
@@ -374,32 +396,31 @@ def _fmt(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------- summaries
-def stage_summary(store: ResultsStore, arm_id: str, stage: Stage, arm: str, winner: Winner, wall: float) -> None:
-    rows = [r for r in store.query(sweep_id=arm_id) if r["stage"] == stage.name or
-            (r["stage"] or "").startswith(stage.name + "[")]
+def stage_summary(sweep: Sweep, stage: Stage, arm: str, winner: Winner, wall: float) -> None:
+    arm_rows = sweep.store.query(sweep_id=sweep.ids[arm])
+    rows = [r for r in arm_rows if parse_stage_name(r["stage"] or "")[0] == stage.name]
     counts = {s: sum(r["status"] == s for r in rows) for s in FINISHED}
-    energy = sum(r["energy_kwh"] or 0 for r in store.query(sweep_id=arm_id))
+    energy = sum(r["energy_kwh"] or 0 for r in arm_rows)
     chosen = {p: _fmt(v) for p, v in winner.params.items() if winner.lineage.get(p) and
-              winner.lineage[p].split("[")[0] == stage.name}
+              parse_stage_name(winner.lineage[p])[0] == stage.name}
     say(f"== stage {stage.name} ({arm}): {counts['completed']} done, {counts['pruned']} pruned, "
         f"{counts['failed']} failed; best {stage.split} mIoU "
         f"{'n/a' if winner.miou is None else f'{100 * winner.miou:.2f}'}; chose {chosen or '-'}; "
         f"{wall:.0f} s; energy so far {1000 * energy:.2f} Wh")
 
 
-def final_summary(store: ResultsStore, ids: Dict[str, str], protocol: Protocol,
-                  winners: Dict[Tuple[str, str], Winner], wall: float) -> Dict[str, Any]:
-    rerun_stage = next((s.name for s in reversed(protocol.stages) if s.search == "rerun"), None)
+def final_summary(sweep: Sweep, winners: Dict[Tuple[str, str], Winner], wall: float) -> Dict[str, Any]:
+    rerun_stage = next((s.name for s in reversed(sweep.protocol.stages) if s.search == RERUN), None)
     arms = {}
-    for arm, arm_id in ids.items():
-        rows = [r for r in store.query(sweep_id=arm_id, stage=rerun_stage) if r["status"] == "completed"]
+    for arm, arm_id in sweep.ids.items():
+        rows = [r for r in sweep.store.query(sweep_id=arm_id, stage=rerun_stage) if r["status"] == "completed"]
         values = [r["final_miou"] for r in rows]
         final = winners.get((arm, rerun_stage))
         arms[arm] = {"arm_id": arm_id, "val_miou": values, "params": final.params if final else None,
                      "lineage": final.lineage if final else None,
                      "mean": statistics.mean(values) if values else None,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    say(f"\n== {protocol.name}: tuned arms side by side (val mIoU over rerun seeds), {wall / 60:.1f} min")
+    say(f"\n== {sweep.protocol.name}: tuned arms side by side (val mIoU over rerun seeds), {wall / 60:.1f} min")
     for arm, a in arms.items():
         tuned = {k: _fmt(v) for k, v in (a["params"] or {}).items() if k != "seed"}
         mean = "n/a" if a["mean"] is None else f"{100 * a['mean']:.2f} +- {100 * a['std']:.2f} (n={len(a['val_miou'])})"

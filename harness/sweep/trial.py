@@ -2,23 +2,58 @@
 
 Each evaluation on the tune split is reported to Tune (`miou`), which feeds ASHA. A non-finite loss
 or a collapsing mIoU (below `collapse_fraction` of the trial's best so far) ends the trial as
-failed with the reason; a failed trial reports mIoU 0 so that it never wins. The trial writes its
-own database row when it finishes; rows of trials that ASHA stops or that crash are written by the
+failed with the reason; a failed trial reports mIoU 0 so that it never wins. The trial stores its
+own record when it finishes; records of trials that ASHA stops or that crash are stored by the
 driver (`runner.RecordCallback`), under the same deterministic run id, so no row is duplicated.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 
 SEARCH_KEY = "__point__"  # grid/rerun stages pass a whole parameter dict under this key
 
 
-def run_id_for(arm_id: str, stage: str, trial_id: str) -> str:
-    return f"{arm_id}:{stage}:{trial_id}"
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial of one stage run needs besides the searched values (a plain, picklable
+    object that Ray hands to every trial of the stage)."""
+    base: Dict[str, Any]              # the arm's config
+    fixed: Dict[str, Any]             # inherited winners: config path -> value
+    arm_id: str
+    stage: str                        # stored stage name (a sub-stage: `weights[method.kd.weight]`)
+    stage_kind: str                   # the stage's search kind (tpe | grid | combine | rerun)
+    split: str                        # where the trial is evaluated: tune, or val for reruns
+    threads: int
+    collapse_fraction: float
+    command: str
+    gpu_share: Optional[float] = None  # trials packed on one GPU: each counts its share of its energy
+
+    def params(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """The trial's full parameter set: inherited winners, then what Tune chose for it."""
+        searched = dict(config.get(SEARCH_KEY) or {})
+        searched.update({k: v for k, v in config.items() if k != SEARCH_KEY})
+        return {**self.fixed, **searched}
+
+    def config(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The run configuration of a trial with these parameters."""
+        cfg = apply_params(self.base, params)
+        cfg.update(eval_split=self.split, progress=False, threads=self.threads)
+        if self.gpu_share:
+            cfg["energy"] = {**cfg["energy"], "gpu_share": self.gpu_share}
+        return cfg
+
+    def run_id(self, trial_id: str) -> str:
+        return f"{self.arm_id}:{self.stage}:{trial_id}"
+
+    def record_fields(self, trial_id: str, params: Dict[str, Any]) -> Dict[str, Any]:
+        """What a stored trial record says about where it belongs."""
+        return {"run_id": self.run_id(trial_id), "sweep_id": self.arm_id, "stage": self.stage,
+                "trial_id": trial_id, "params_json": params}
 
 
 def apply_params(cfg: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
@@ -36,29 +71,21 @@ def apply_params(cfg: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def trial_params(config: Dict[str, Any], fixed: Dict[str, Any]) -> Dict[str, Any]:
-    searched = dict(config.get(SEARCH_KEY) or {})
-    searched.update({k: v for k, v in config.items() if k != SEARCH_KEY})
-    return {**fixed, **searched}
-
-
-def trainable(config: Dict[str, Any], spec: Dict[str, Any]) -> None:
-    """`spec`: base config, fixed (inherited) params, arm id, stage, split, collapse rule, command."""
+def trainable(config: Dict[str, Any], spec: TrialSpec) -> None:
     from ray import tune
 
+    from harness.engine.record import store_record
+    from harness.engine.teacher import teacher_for
     from harness.engine.train import run
 
-    params = trial_params(config, spec["fixed"])
-    cfg = apply_params(spec["base"], params)
-    cfg.update(eval_split=spec["split"], progress=False, threads=spec["threads"])
-    if spec.get("gpu_share"):  # trials packed on one GPU: each counts its share of the device's energy
-        cfg["energy"] = {**cfg["energy"], "gpu_share": spec["gpu_share"]}
+    params = spec.params(config)
+    cfg = spec.config(params)
     trial_id = tune.get_context().get_trial_id()
     best = {"miou": 0.0}
 
     def on_eval(iteration: int, metrics: Dict[str, Any]):
         miou = 0.0 if math.isnan(metrics["miou"]) else float(metrics["miou"])
-        collapsed = best["miou"] > 0.05 and miou < spec["collapse_fraction"] * best["miou"]
+        collapsed = best["miou"] > 0.05 and miou < spec.collapse_fraction * best["miou"]
         reason = (f"tune mIoU collapsed from {best['miou']:.4f} to {miou:.4f} at iteration {iteration}"
                   if collapsed else None)
         best["miou"] = max(best["miou"], miou)
@@ -66,11 +93,12 @@ def trainable(config: Dict[str, Any], spec: Dict[str, Any]) -> None:
                      "failed": reason or ""})
         return reason
 
-    torch.set_num_threads(spec["threads"])
-    result = run(cfg, command=spec["command"], callback=on_eval, fields={
-        "run_id": run_id_for(spec["arm_id"], spec["stage"], trial_id), "sweep_id": spec["arm_id"],
-        "stage": spec["stage"], "trial_id": trial_id, "params_json": params})
-    record = result.record
-    if record["status"] == "failed" and not record["failure_reason"].startswith("tune mIoU collapsed"):
+    torch.set_num_threads(spec.threads)
+    result = run(cfg, teacher=teacher_for(cfg, spec.command), command=spec.command, callback=on_eval,
+                 run_id=spec.run_id(trial_id))
+    record = result.record.replace(**spec.record_fields(trial_id, params),
+                                   extra_json={**result.record.extra_json, "stage_kind": spec.stage_kind})
+    store_record(cfg, record)
+    if record.status == "failed" and not record.failure_reason.startswith("tune mIoU collapsed"):
         # diverged before (or between) evaluations: make sure Tune sees a losing, failed result
-        tune.report({"miou": 0.0, "iteration": record["iterations"], "failed": record["failure_reason"]})
+        tune.report({"miou": 0.0, "iteration": record.iterations, "failed": record.failure_reason})
