@@ -160,30 +160,28 @@ def stage_runs(cfg: Dict[str, Any], stage: Stage, arm: str, arm_id: str, fixed: 
     if stage.search != RERUN and not space:
         return []
     groups = [{p: d} for p, d in space.items()] if stage.each else [space]
-    return [stage_run(cfg, stage, arm, arm_id, base, group, dict(fixed or {}), dict(lineage or {}),
-                      sub_stage_name(stage.name, next(iter(group))) if stage.each else stage.name)
-            for group in groups]
+    runs = []
+    for group in groups:
+        points, trials = trial_points(cfg, stage, group)
+        runs.append(StageRun(arm=arm, arm_id=arm_id, stage=stage, space=group, points=points, trials=trials,
+                             name=sub_stage_name(stage.name, next(iter(group))) if stage.each else stage.name,
+                             base=base, fixed=dict(fixed or {}), lineage=dict(lineage or {})))
+    return runs
 
 
-def stage_run(cfg: Dict[str, Any], stage: Stage, arm: str, arm_id: str, base: Dict[str, Any],
-              space: Dict[str, Dict[str, Any]], fixed: Dict[str, Any], lineage: Dict[str, str], name: str) -> StageRun:
-    """The trials of one experiment: TPE's count, the grid's points or the rerun seeds, capped by the
-    budget's `sweep_max_trials` / `sweep_rerun_seeds` (smoke sweeps)."""
+def trial_points(cfg: Dict[str, Any], stage: Stage, space: Dict[str, Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], int]:
+    """(points, trials) of one experiment: the rerun seeds or the grid's points, or TPE's trial count;
+    capped by the budget's `sweep_rerun_seeds` / `sweep_max_trials` (smoke sweeps)."""
     cap = cfg["budget"]["sweep_max_trials"]
-    points: List[Dict[str, Any]] = []
-    trials = 0
     if stage.search == RERUN:
         seeds = min(stage.seeds, cfg["budget"]["sweep_rerun_seeds"] or stage.seeds)
-        points = [{"seed": cfg["seed"] + 1 + i} for i in range(seeds)]  # fresh seeds: not the search seed
-    elif stage.search == "grid":
-        points = [{}]
+        return [{"seed": cfg["seed"] + 1 + i} for i in range(seeds)], 0  # fresh seeds: not the search seed
+    if stage.search == "grid":
+        points: List[Dict[str, Any]] = [{}]
         for path, dist in space.items():
             points = [{**p, path: v} for p in points for v in dist["grid"]]
-        points = points[:cap] if cap else points
-    else:
-        trials = min(stage.trials, cap) if cap else stage.trials
-    return StageRun(arm=arm, arm_id=arm_id, stage=stage, name=name, base=base, fixed=fixed, lineage=lineage,
-                    space=space, points=points, trials=trials)
+        return (points[:cap] if cap else points), 0
+    return [], (min(stage.trials, cap) if cap else stage.trials)
 
 
 def run_unit(sweep: Sweep, unit: StageRun) -> Winner:
