@@ -27,7 +27,8 @@ from pathlib import Path
 os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
 
 from harness.config import load_config  # noqa: E402
-from harness.engine.teacher import get_teacher, teacher_training_config  # noqa: E402
+from harness.engine.record import store_record  # noqa: E402
+from harness.engine.teacher import get_teacher, teacher_for, teacher_training_config  # noqa: E402
 from harness.engine.train import resolve_device, run  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def seconds_per_iteration(cfg: dict, iterations: int, repeats: int = 3) -> float
         c = {**cfg, "seed": r, "progress": False, "energy": {**cfg["energy"], "enabled": False},
              "budget": {**cfg["budget"], "iterations": iterations, "eval_interval": iterations,
                         "max_eval_images": 1}}
-        timings.append(run(c, save_record=False).record["train_time_s"] / iterations)
+        timings.append(run(c, teacher=teacher_for(c)).record["train_time_s"] / iterations)
     return statistics.median(timings)
 
 
@@ -71,7 +72,9 @@ def main() -> None:
 
     students = []
     for seed in range(args.seeds):
-        rec = run({**base, "seed": seed, "progress": False}, command="benchmarks/foundation.py").record
+        cfg = {**base, "seed": seed, "progress": False}
+        rec = run(cfg, command="benchmarks/foundation.py").record
+        store_record(cfg, rec)
         students.append(rec["final_miou"])
         print(f"  student-only seed {seed}: val mIoU {100 * rec['final_miou']:.2f} "
               f"({rec['train_time_s']:.0f} s)", flush=True)

@@ -79,7 +79,7 @@ def harness_config(args, overrides: list) -> dict:
 
 def harness_seconds(cfg: dict, seed: int) -> float:
     """Seconds per training iteration of `run(cfg)`: its own train_time_s / iterations."""
-    record = run({**cfg, "seed": seed}, save_record=False, command="benchmarks/throughput.py").record
+    record = run({**cfg, "seed": seed}, command="benchmarks/throughput.py").record  # not stored
     if record["status"] != "completed":
         raise RuntimeError(f"the harness run ended as {record['status']}: {record['failure_reason']}")
     return record["train_time_s"] / record["iterations"]
