@@ -63,9 +63,7 @@ def cmd_sweep(overrides: List[str]) -> int:
         # energy is counted, drop what selects the runs (method, dataset, models, budget)
         where = [o for o in overrides if o.lstrip("+").startswith(("paths.", "store.", "energy.", "report."))]
         print(f"\n[harness] regenerating the leaderboard and reports (report.after_sweep=false skips this)")
-        from harness.tables.plots import run_report
-
-        run_report(where)
+        report_all(*report_inputs(where))
     return 0
 
 
@@ -78,40 +76,123 @@ def cmd_config(overrides: List[str]) -> int:
     return 0
 
 
-def cmd_literature(overrides: List[str]) -> int:
-    from harness.tables.literature import cmd_literature as run
+# -------------------------------------------------------------------------------------- reports
+# A report command loads the config once, opens one results store and parses one Filters; the
+# measure layer (harness.measure) runs what needs a model, and the report layer (harness.report,
+# which only reads) gets config, store, filters, blocks and the measured values as plain data.
+def report_inputs(overrides: List[str]):
+    """(config, results store, filters) of a report command's overrides."""
+    from harness.report.filters import Filters
+    from harness.store import ResultsStore
 
-    return run(overrides)
-
-
-def cmd_significance(overrides: List[str]) -> int:
-    from harness.tables.significance import cmd_significance as run
-
-    return run(overrides)
-
-
-def cmd_leaderboard(overrides: List[str]) -> int:
-    from harness.tables.leaderboard import cmd_leaderboard as run
-
-    return run(overrides)
+    filters, rest = Filters.parse(overrides)
+    cfg = load_config(rest)
+    return cfg, ResultsStore(cfg["store"]["url"]), filters
 
 
-def cmd_energy(overrides: List[str]) -> int:
-    from harness.tables.energy import main as run
+def _blocks(store, filters, blocks=None):
+    from harness.report.blocks import load_blocks
 
-    return run(overrides)
+    return load_blocks(store, **filters.selection()) if blocks is None else blocks
+
+
+def write_leaderboard(cfg, store, filters, blocks=None) -> None:
+    from harness.measure.efficiency import for_blocks
+    from harness.report import leaderboard
+
+    blocks = _blocks(store, filters, blocks)
+    leaderboard.write(cfg, store, filters, blocks, efficiency=for_blocks(blocks))
+
+
+def write_significance(cfg, store, filters, blocks=None) -> None:
+    from harness.report import significance
+
+    significance.write(cfg, store, filters, _blocks(store, filters, blocks))
+
+
+def write_literature(cfg, store, filters, blocks=None) -> None:
+    from harness.report import literature
+
+    literature.write(cfg, store, filters)  # our lifts come from every block, whatever the filters
+
+
+def write_energy(cfg, store, filters, blocks=None) -> None:
+    from harness.measure.energy import inference_for_blocks
+    from harness.report import energy
+
+    blocks = _blocks(store, filters, blocks)
+    energy.write(cfg, store, blocks, inference_for_blocks(cfg, blocks), filters)
+
+
+def write_figures(cfg, store, filters, blocks=None) -> None:
+    from pathlib import Path
+
+    from harness.measure.entropy import measure_entropy
+    from harness.report import figures
+
+    blocks = _blocks(store, filters, blocks)
+    for path, text in figures.write_figures(store, cfg, blocks, measure_entropy(cfg, blocks), filters.selection()):
+        print(f"  {path}: {text}" if path else f"  not drawn: {text}")
+    print(f"  index: {Path(cfg['paths']['reports']) / 'figures.md'}")
+
+
+REPORT_PARTS = {"leaderboard": write_leaderboard, "significance": write_significance,
+                "literature": write_literature, "energy": write_energy}
+
+
+def report_all(cfg, store, filters) -> int:
+    """Every table, then the figures (`report`, and the end of `sweep`): a part that fails is
+    reported and the others still run (exit 1); a ConfigError stops everything (exit 2)."""
+    import traceback
+
+    try:
+        blocks = _blocks(store, filters)  # read once, shared by every part
+    except Exception:  # noqa: BLE001 - then each part reads on its own and reports its failure
+        blocks = None
+    status = 0
+    for name, part in REPORT_PARTS.items():
+        print(f"[report] {name}", flush=True)
+        try:
+            part(cfg, store, filters, blocks)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - one broken part must not hide the others
+            traceback.print_exc()
+            print(f"[report] {name} failed (traceback above); going on with the rest", file=sys.stderr)
+            status = 1
+    print("[report] figures", flush=True)
+    write_figures(cfg, store, filters, blocks)
+    return status
+
+
+def _report_command(part: Callable[..., None]) -> Callable[[List[str]], int]:
+    """The command of one report part: config, store and filters from the overrides, exit 0."""
+    def command(overrides: List[str]) -> int:
+        part(*report_inputs(overrides))
+        return 0
+
+    command.__name__ = f"cmd_{part.__name__.replace('write_', '')}"
+    return command
+
+
+cmd_literature = _report_command(write_literature)
+cmd_significance = _report_command(write_significance)
+cmd_leaderboard = _report_command(write_leaderboard)
+cmd_energy = _report_command(write_energy)
 
 
 def cmd_report(overrides: List[str]) -> int:
-    from harness.tables.plots import run_report
-
-    return run_report(overrides)
+    return report_all(*report_inputs(overrides))
 
 
 def cmd_show(overrides: List[str]) -> int:
-    from harness.tables.show import main as run
+    from harness.measure.show import write_show
 
-    return run(overrides)
+    path, notes = write_show(*report_inputs(overrides))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"written: {path}")
+    return 0
 
 
 def cmd_reproduce(args: List[str]) -> int:

@@ -1,6 +1,6 @@
 """`python -m harness reproduce <row-id> [--seed N] [overrides]`: re-run what a number came from.
 
-`<row-id>` is the id of a leaderboard row (`harness.tables.common.row_id`, printed in every
+`<row-id>` is the id of a leaderboard row (`harness.report.blocks.row_id`, printed in every
 leaderboard block) or the `run_id` of any row of the results database. The rows behind a leaderboard
 id are the completed rerun runs of that arm; `--seed N` picks the run of seed N, otherwise the run of
 the lowest seed is re-run.
@@ -63,7 +63,7 @@ def parse_args(args: Sequence[str]) -> Tuple[str, Optional[int], List[str]]:
 
 def runs_behind(store, ident: str) -> Tuple[List[Dict[str, Any]], str]:
     """(rows, description) of a leaderboard row id, else of a run id; ([], '') if neither."""
-    from harness.tables.common import find_row, known_row_ids
+    from harness.report.blocks import find_row, known_row_ids
 
     rows = find_row(store, ident)
     if rows:
@@ -134,7 +134,7 @@ def main(args: List[str]) -> int:
     store = ResultsStore(current["store"]["url"])
     rows, what = runs_behind(store, ident)
     if not rows:
-        from harness.tables.common import known_row_ids
+        from harness.report.blocks import known_row_ids
 
         known = known_row_ids(store)
         listing = "; ".join(f"{k} = {v}" for k, v in known.items()) or "none (the database has no rerun rows)"

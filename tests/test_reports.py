@@ -14,26 +14,24 @@ import torch
 from harness.cli import main
 from harness.config import load_config
 from harness.engine.train import run
+from harness.measure import energy as measure_energy
+from harness.report import energy as energy_mod
+from harness.report.blocks import load_blocks
 from harness.store import ResultsStore
-from harness.tables import energy as energy_mod
-from harness.tables.common import load_blocks
+
+from golden_reports import INTENSITY, fake_inference  # 400 g/kWh stored with every synthetic run
 
 torch.set_num_threads(1)
 
-INTENSITY = 400.0  # g/kWh stored with every synthetic run
 KD_KWH = [0.30, 0.34, 0.32]
 SO_KWH = [0.10, 0.12, 0.11]
 TEACHER_KWH = 0.9
 
 
-def fake_inference(model_cfg, dataset_cfg, energy_cfg, device, output_dir, batch_size, **kwargs):
-    """Student (pspnet_resnet18_small) 0.1 kWh / 10k images, teacher 0.3: break-even known exactly."""
-    kwh = 0.1 if model_cfg["name"] == "pspnet_resnet18_small" else 0.3
-    return {"model": model_cfg["name"], "device": str(device), "batch_size": batch_size,
-            "image_size": list(dataset_cfg["image_size"]), "images": 64, "seconds": 1.0,
-            "tracker": "codecarbon-offline", "energy_kwh": kwh * 64 / 10_000, "co2_kg": None,
-            "carbon_intensity_g_per_kwh": INTENSITY, "carbon_intensity_source": "fake", "cpu_power_mode": None,
-            "notes": [], "kwh_10k": kwh, "co2_10k": kwh * INTENSITY / 1000, "reason": None}
+def energy_report(store, cfg, measure=fake_inference):
+    """reports/energy.md's text as the CLI composes it: blocks, then their inference, then the report."""
+    blocks = load_blocks(store)
+    return energy_mod.energy_report(store, cfg, blocks, measure_energy.inference_for_blocks(cfg, blocks, measure))
 
 
 def _row(cfg, arm, stage, seed, miou, kwh, sweep_id, params=None, **extra):
@@ -119,7 +117,7 @@ def by_first_cell(table):
 # --------------------------------------------------------------------------------------- energy
 def test_energy_report_recomputes_table_8_from_the_rows(fake_db):
     store, cfg = fake_db
-    text = energy_mod.energy_report(store, cfg, measure=fake_inference)
+    text = energy_report(store, cfg)
     main_table, break_even, tuning = (by_first_cell(t) for t in tables(text))
     so = main_table["S (student-only, tuned)"]
     assert so[0] == f"{100 * statistics.fmean([0.30, 0.32, 0.31]):.2f} +- {100 * statistics.stdev([0.30, 0.32, 0.31]):.2f} (n=3)"
@@ -148,7 +146,7 @@ def test_energy_report_recomputes_table_8_from_the_rows(fake_db):
 def test_forced_carbon_intensity_recomputes_every_co2(fake_db):
     store, cfg = fake_db
     cfg = {**cfg, "energy": {**cfg["energy"], "carbon_intensity_g_per_kwh": 100.0}}
-    text = energy_mod.energy_report(store, cfg, measure=fake_inference)
+    text = energy_report(store, cfg)
     main_table = by_first_cell(tables(text)[0])
     assert main_table["S + kd"][2] == f"{statistics.fmean(KD_KWH) * 0.1:.3g}"
     assert main_table["T (pspnet_resnet34)"][4] == f"{0.3 * 0.1:.3g}"
@@ -166,7 +164,7 @@ def test_flagged_inference_and_missing_arm_are_said_not_zeroed(fake_db):
             out.update(kwh_10k=None, co2_10k=None, reason="flagged: zero GPU energy while a GPU was in use")
         return out
 
-    text = energy_mod.energy_report(store, cfg, measure=flagged_teacher)
+    text = energy_report(store, cfg, measure=flagged_teacher)
     main_table, break_even = (by_first_cell(t) for t in tables(text)[:2])
     assert main_table["S (student-only, tuned)"][0] == "n/a (no student-only rerun in the database)"
     assert main_table["T (pspnet_resnet34)"][3].startswith("flagged")
@@ -181,18 +179,18 @@ def test_empty_database_energy_command_says_so(tiny, tmp_path, capsys):
 
 def test_inference_is_measured_by_codecarbon_and_extrapolated(tiny):
     cfg = load_config(tiny())
-    m = energy_mod.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": True}, "cpu",
-                                     str(cfg["paths"]["results"]), batch_size=2, images=4, min_seconds=0.3)
+    m = measure_energy.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": True}, "cpu",
+                                         str(cfg["paths"]["results"]), batch_size=2, images=4, min_seconds=0.3)
     assert m["tracker"] == "codecarbon-offline" and m["images"] >= 4 and m["seconds"] >= 0.3
     assert m["kwh_10k"] == pytest.approx(m["energy_kwh"] * 10_000 / m["images"], rel=1e-12) and m["kwh_10k"] > 0
-    off = energy_mod.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": False}, "cpu",
-                                       str(cfg["paths"]["results"]), batch_size=2, images=2, min_seconds=0)
+    off = measure_energy.measure_inference(cfg["student"], cfg["dataset"], cfg["energy"] | {"enabled": False},
+                                           "cpu", str(cfg["paths"]["results"]), batch_size=2, images=2, min_seconds=0)
     assert off["kwh_10k"] is None and "energy.enabled=false" in off["reason"]
 
 
 # ---------------------------------------------------------------------------------------- plots
 def test_response_curves_read_the_searched_values_from_params():
-    from harness.tables.plots import response_data
+    from harness.report.figures import response_data
 
     rows = [{"stage": "temperature[method.kd.tau]", "params_json": {"optim.lr": 0.05, "method.kd.tau": t},
              "final_miou": m, "status": s} for t, m, s in [(1, 0.2, "completed"), (2, 0.3, "completed"),
@@ -206,14 +204,14 @@ def test_response_curves_read_the_searched_values_from_params():
 
 
 def test_pareto_front():
-    from harness.tables.plots import pareto_front
+    from harness.report.figures import pareto_front
 
     points = [(1.0, 30.0), (2.0, 29.0), (2.0, 35.0), (0.5, 20.0), (3.0, 35.0), (4.0, 40.0)]
     assert pareto_front(points) == [3, 0, 2, 5]
 
 
 def test_entropy_shares_match_a_loop_reference():
-    from harness.tables.plots import entropy_shares
+    from harness.measure.entropy import entropy_shares
 
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(2, 5, 3, 7, generator=g)
@@ -238,11 +236,14 @@ def test_entropy_shares_match_a_loop_reference():
 
 
 def test_plots_of_an_empty_database_say_why(tmp_path, fake_configs):
-    from harness.tables.plots import write_plots
+    from harness.measure.entropy import measure_entropy
+    from harness.report.figures import write_figures
 
     cfg = {**fake_configs[0], "paths": {"results": str(tmp_path), "reports": str(tmp_path / "reports"),
                                         "cache": str(tmp_path / "cache")}}
-    outputs = write_plots(ResultsStore(tmp_path / "empty.db"), cfg)
+    store = ResultsStore(tmp_path / "empty.db")
+    blocks = load_blocks(store)
+    outputs = write_figures(store, cfg, blocks, measure_entropy(cfg, blocks))
     assert all(p is None for p, _ in outputs) and len(outputs) == 5
     assert "no sweep rows" in outputs[0][1] and "not trained yet" in outputs[-1][1]
 
@@ -251,7 +252,7 @@ def test_report_regenerates_every_table_and_figure(fake_db, monkeypatch, capsys)
     import matplotlib.image
 
     store, cfg = fake_db
-    monkeypatch.setattr(energy_mod, "measure_inference", fake_inference)
+    monkeypatch.setattr(measure_energy, "measure_inference", fake_inference)
     overrides = [f"paths.{k}={v}" for k, v in cfg["paths"].items()] + ["budget=smoke"]
     assert main(["report", *overrides]) == 0
     out = capsys.readouterr().out
@@ -311,9 +312,11 @@ def test_reproduce_and_show_on_real_tiny_runs(tiny_reruns, tmp_path, capsys):
     for r in rows.values():
         assert infos[r["run_id"]]["identical"] and infos[r["run_id"]]["retrained_miou"] == r["final_miou"]
     # the teacher is in the cache now: its entropy histogram (paper 003 Figure 1) is drawn
-    from harness.tables.plots import entropy_histograms
+    from harness.measure.entropy import measure_entropy
+    from harness.report.figures import entropy_histograms
 
-    (path, text), = entropy_histograms(store, load_config(overrides), load_blocks(store), tmp_path / "reports")
+    measured = measure_entropy(load_config(overrides), load_blocks(store))
+    (path, text), = entropy_histograms(store.url, measured, tmp_path / "reports")
     assert path is not None and path.is_file() and "tau 1, 2, 4, 8, 16" in text
 
 

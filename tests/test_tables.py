@@ -13,7 +13,9 @@ import torch
 from harness import stats
 from harness.config import load_config
 from harness.store import ResultsStore
-from harness.tables import common, leaderboard
+from harness.report import blocks as blk
+from harness.report import leaderboard
+from harness.report.filters import Filters
 
 torch.set_num_threads(1)
 
@@ -67,27 +69,27 @@ def cfg_for(cfg, store):
     return {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(store.url).rsplit("/", 1)[0].replace("sqlite:///", "")}}
 
 
-# ------------------------------------------------------------------------------------ common
+# ------------------------------------------------------------------------------------ blocks
 def test_row_id_is_stable_and_normalises_methods():
-    a = common.row_id("synthetic", "s", "t", "gskd,cwd", "quick")
-    assert a == common.row_id("synthetic", "s", "t", ["cwd", "gskd"], "quick") == common.row_id("synthetic", "s", "t", "cwd+gskd", "quick")
+    a = blk.row_id("synthetic", "s", "t", "gskd,cwd", "quick")
+    assert a == blk.row_id("synthetic", "s", "t", ["cwd", "gskd"], "quick") == blk.row_id("synthetic", "s", "t", "cwd+gskd", "quick")
     assert re.fullmatch(r"[0-9a-f]{8}", a)
-    assert common.row_id("synthetic", "s", "t", "", "quick") == common.row_id("synthetic", "s", "t", None, "quick")
-    assert len({common.row_id("synthetic", "s", "t", m, b) for m in ("", "kd", "cwd") for b in ("quick", "smoke")}) == 6
+    assert blk.row_id("synthetic", "s", "t", "", "quick") == blk.row_id("synthetic", "s", "t", None, "quick")
+    assert len({blk.row_id("synthetic", "s", "t", m, b) for m in ("", "kd", "cwd") for b in ("quick", "smoke")}) == 6
     from harness.config import stable_hash
-    assert common.row_id("d", "s", "t", "kd") == stable_hash(["d", "s", "t", "kd"], 8)
+    assert blk.row_id("d", "s", "t", "kd") == stable_hash(["d", "s", "t", "kd"], 8)
 
 
 def test_blocks_group_rerun_rows_and_separate_budgets(store):
-    blocks = common.load_blocks(store)
+    blocks = blk.load_blocks(store)
     assert [(b.budget, list(b.arms)) for b in blocks] == [
         ("quick", ["student-only", "cwd", "cwd+gskd", "kd"]), ("smoke", ["student-only", "kd"])]
     quick = blocks[0]
     for label, values in VALUES.items():
-        assert quick.arms[common.method_label(label)].values == values     # no tuning / failed rows
-    assert common.load_blocks(store, budget="smoke")[0].arms["kd"].values == [0.2, 0.21]
-    assert list(common.load_blocks(store, budget="quick", methods=["kd"])[0].arms) == ["student-only", "kd"]
-    assert common.load_blocks(store, dataset="cityscapes") == []
+        assert quick.arms[blk.method_label(label)].values == values     # no tuning / failed rows
+    assert blk.load_blocks(store, budget="smoke")[0].arms["kd"].values == [0.2, 0.21]
+    assert list(blk.load_blocks(store, budget="quick", methods=["kd"])[0].arms) == ["student-only", "kd"]
+    assert blk.load_blocks(store, dataset="cityscapes") == []
 
 
 def test_student_only_rows_serve_every_teacher(tmp_path, cfg):
@@ -95,7 +97,7 @@ def test_student_only_rows_serve_every_teacher(tmp_path, cfg):
     add_arm(s, cfg, "student-only", [0.5, 0.51])
     add_arm(s, cfg, "kd", [0.52, 0.53], teacher="t1")
     add_arm(s, cfg, "kd", [0.54, 0.55], teacher="t2")
-    blocks = common.load_blocks(s)
+    blocks = blk.load_blocks(s)
     assert [b.teacher for b in blocks] == ["t1", "t2"]
     assert all(b.baseline.values == [0.5, 0.51] for b in blocks)
     ids = {b.row_id("student-only") for b in blocks} | {b.row_id("kd") for b in blocks}
@@ -103,18 +105,88 @@ def test_student_only_rows_serve_every_teacher(tmp_path, cfg):
 
 
 def test_find_row_returns_the_rows_behind_an_id(store):
-    rid = common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
-    rows = common.find_row(store, rid)
+    rid = blk.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
+    rows = blk.find_row(store, rid)
     assert [r["final_miou"] for r in rows] == VALUES["cwd,gskd"] and {r["methods"] for r in rows} == {"cwd,gskd"}
-    base = common.find_row(store, common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "", "quick"))
+    base = blk.find_row(store, blk.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "", "quick"))
     assert [r["final_miou"] for r in base] == VALUES["student-only"]
-    assert common.find_row(store, "00000000") == []
-    assert rid in common.known_row_ids(store)
+    assert blk.find_row(store, "00000000") == []
+    assert rid in blk.known_row_ids(store)
+
+
+SEEDS_PROTOCOL = """
+name: seeded
+stages:
+  - {name: lr_wd, arms: [student-only, distilled], search: tpe, trials: 2, space: {optim.lr: {loguniform: [0.001, 0.1]}}}
+  - {name: seeds, arms: [student-only, distilled], inherits: [lr_wd], seeds: 3, split: val}
+"""
+
+
+def with_protocol(cfg, protocol):
+    return {**cfg, "sweep": {**cfg["sweep"], "protocol": protocol}}
+
+
+def test_rerun_stage_is_found_by_its_kind_not_its_name(tmp_path, cfg):
+    from harness.report import significance
+
+    proto = tmp_path / "seeded.yaml"
+    proto.write_text(SEEDS_PROTOCOL)
+    c = with_protocol(cfg, str(proto))
+    s = ResultsStore(tmp_path / "k.db")
+    add_arm(s, c, "student-only", [0.50, 0.51, 0.49], stage="seeds")
+    add_arm(s, c, "kd", [0.55, 0.56, 0.57], stage="seeds")
+    add_arm(s, c, "kd", [0.9, 0.9], stage="reruns", teacher="t2")     # not this protocol's rerun stage
+    add_arm(s, c, "kd", [0.8], stage="lr_wd")                          # a tuning stage
+    # rows that carry their stage kind are decided by it, whatever their protocol and stage name
+    add_arm(s, with_protocol(cfg, "no-such-protocol"), "cwd", [0.52, 0.53], stage="final",
+            extra_json={"stage_kind": "rerun"})
+    add_arm(s, c, "cwd", [0.1], stage="seeds", extra_json={"stage_kind": "tpe"})
+    blocks = blk.load_blocks(s)
+    assert [(b.teacher, list(b.arms)) for b in blocks] == [("deeplabv3_resnet18_small", ["student-only", "cwd", "kd"])]
+    assert blocks[0].arms["kd"].values == [0.55, 0.56, 0.57] and blocks[0].arms["cwd"].values == [0.52, 0.53]
+    assert blocks[0].notes == []
+    table = leaderboard.build(blocks, s, n_resamples=199)[0]
+    assert [r.label for r in table.rows] == ["student-only", "cwd", "kd"] and table.rows[2].lift > 0
+    md = leaderboard.to_markdown([table], ["Source: test"])
+    assert "| kd " in md and "No completed rerun rows" not in md
+    assert significance.build(blocks)[0].labels == ["student-only", "cwd", "kd"]
+    rid = blocks[0].row_id("kd")
+    assert [r["final_miou"] for r in blk.find_row(s, rid)] == [0.55, 0.56, 0.57]
+
+
+def test_an_unloadable_protocol_falls_back_to_reruns_and_says_so(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "f.db")
+    c = with_protocol(cfg, "gone")
+    add_arm(s, c, "student-only", [0.50, 0.51, 0.49])
+    add_arm(s, c, "kd", [0.55, 0.56, 0.57])
+    add_arm(s, c, "kd", [0.9], stage="seeds")
+    block, = blk.load_blocks(s)
+    assert block.arms["kd"].values == [0.55, 0.56, 0.57]
+    note, = block.notes
+    assert "protocol 'gone'" in note and "'reruns'" in note and "unknown sweep protocol" in note
+    t = leaderboard.build([block], s, n_resamples=199)[0]
+    assert note in leaderboard.to_markdown([t], ["Source: test"])
+
+
+def test_filters_are_parsed_once_in_command_line_order():
+    f, rest = Filters.parse(["paths.results=x", "budget=quick", "+method=[gskd,cwd]", "dataset=synthetic",
+                             "+method=kd", "test=mann-whitney", "store.url=sqlite:///y"])
+    assert rest == ["paths.results=x", "store.url=sqlite:///y"]
+    assert f.methods == ["cwd+gskd", "kd"] and f.test == "mann-whitney" and f.get("budget") == "quick"
+    assert f.selection() == {"budget": "quick", "dataset": "synthetic", "methods": ["cwd+gskd", "kd"]}
+    assert f.shown() == "budget=quick, dataset=synthetic, method=['cwd+gskd', 'kd']"
+    assert f.shown_all() == "budget=quick, method=['cwd+gskd', 'kd'], dataset=synthetic, test=mann-whitney"
+    assert Filters.parse([])[0].shown() == "none" and Filters().test == "welch" and Filters().selection() == {}
+    assert Filters.of(budget="quick", method=["kd"]).selection() == {"budget": "quick", "methods": ["kd"]}
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown test 'z'"):
+        Filters.parse(["test=z"])
 
 
 def test_source_lines_state_database_protocol_budget_seeds_date_commit(store):
-    rows = common.load_blocks(store, budget="quick")[0].rows
-    text = "\n".join(common.source_lines(store.url, rows))
+    rows = blk.load_blocks(store, budget="quick")[0].rows
+    text = "\n".join(blk.source_lines(store.url, rows))
     for needle in (store.url, "Protocol: default", "budget: quick", "Seeds: 1, 2, 3, 4, 5", "abc123", "Generated:"):
         assert needle in text
 
@@ -122,7 +194,7 @@ def test_source_lines_state_database_protocol_budget_seeds_date_commit(store):
 # ---------------------------------------------------------------------------------- efficiency
 def test_efficiency_counts_params_and_flops_independently(cfg):
     from harness.models import build_segmenter
-    from harness.tables.efficiency import measure
+    from harness.measure.efficiency import measure
 
     student = {**cfg["student"], "head_channels": 16}
     h, w = 37, 45   # odd size
@@ -162,7 +234,7 @@ def holm_by_hand(ps):
 
 
 def test_leaderboard_values_recomputed_from_rows(store):
-    tables = leaderboard.build(store, budget="quick", efficiency=False, n_resamples=999)
+    tables = leaderboard.build(blk.load_blocks(store, budget="quick"), store, n_resamples=999)
     assert len(tables) == 1
     rows = {r.label: r for r in tables[0].rows}
     assert [r.label for r in tables[0].rows] == ["student-only", "cwd", "kd", "cwd+gskd"]
@@ -189,18 +261,22 @@ def test_leaderboard_values_recomputed_from_rows(store):
 
 
 def test_leaderboard_mann_whitney_option(store):
-    t = leaderboard.build(store, budget="quick", test="mann-whitney", efficiency=False, n_resamples=199)[0]
+    t = leaderboard.build(blk.load_blocks(store, budget="quick"), store, test="mann-whitney", n_resamples=199)[0]
     r = {r.label: r for r in t.rows}
     assert r["cwd"].p_raw == pytest.approx(stats.mann_whitney(VALUES["cwd"], VALUES["student-only"]).p)
     with pytest.raises(ValueError, match="unknown test"):
-        leaderboard.build(store, test="t-test", efficiency=False)
+        leaderboard.build(blk.load_blocks(store), store, test="t-test")
 
 
 def test_leaderboard_files_md_csv_tex(store, cfg, tmp_path):
     c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(tmp_path / "out")}}
-    paths = leaderboard.write(c, {"budget": "quick"}, latency=False, quiet=True)
+    from harness.measure.efficiency import for_blocks
+
+    f = Filters.of(budget="quick")
+    blocks = blk.load_blocks(store, **f.selection())
+    paths = leaderboard.write(c, store, f, blocks, efficiency=for_blocks(blocks, latency=False), quiet=True)
     md = paths["md"].read_text()
-    rid = common.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
+    rid = blk.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
     assert f"**{100 * statistics.fmean(VALUES['cwd,gskd']):.2f} +- {100 * statistics.stdev(VALUES['cwd,gskd']):.2f} (5)**" in md
     assert rid in md and "(reference)" in md and "budget=quick" in md and "Seeds: 1, 2, 3, 4, 5" in md
     assert "FLOPs = torch.utils.flop_counter at 96x96" in md
@@ -252,7 +328,7 @@ def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
     s = ResultsStore(tmp_path / "m.db")
     add_arm(s, cfg, "kd", [0.52, 0.53, 0.51], energy=False)         # no student-only arm, no energy
     add_arm(s, cfg, "cwd", [0.55])                                  # one seed
-    t = leaderboard.build(s, efficiency=False, n_resamples=199)[0]
+    t = leaderboard.build(blk.load_blocks(s), s, n_resamples=199)[0]
     r = {r.label: r for r in t.rows}
     assert "student-only" not in r and r["kd"].lift is None and r["kd"].p_holm is None
     assert any("no tuned student-only arm" in n for n in t.notes)
@@ -266,7 +342,7 @@ def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
 
     add_arm(s, cfg, "student-only", [0.5, 0.5, 0.5])
     add_arm(s, cfg, "kd", [0.5, 0.5], teacher="flat")                   # both arms zero variance
-    flat = leaderboard.build(s, teacher="flat", efficiency=False, n_resamples=199)[0]
+    flat = leaderboard.build(blk.load_blocks(s, teacher="flat"), s, n_resamples=199)[0]
     kd = {r.label: r for r in flat.rows}["kd"]
     assert kd.p_holm is None and any("zero variance" in n for n in kd.notes) and kd.lift == 0.0
 
@@ -274,7 +350,7 @@ def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
 def test_leaderboard_only_student_arm_and_few_seeds(tmp_path, cfg):
     s = ResultsStore(tmp_path / "s.db")
     add_arm(s, cfg, "student-only", [0.5, 0.51])
-    t = leaderboard.build(s, efficiency=False, min_seeds=3)[0]
+    t = leaderboard.build(blk.load_blocks(s), s, min_seeds=3)[0]
     assert t.block.teacher is None and any("no distilled arm" in n for n in t.notes)
     assert any("2 seeds < report.min_seeds = 3" in n for n in t.rows[0].notes)
 
@@ -302,9 +378,9 @@ def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
 
 # -------------------------------------------------------------------------------- significance
 def test_significance_matrix_recomputed_from_rows(store):
-    from harness.tables import significance
+    from harness.report import significance
 
-    m = significance.build(store, budget="quick", min_seeds=3)[0]
+    m = significance.build(blk.load_blocks(store, budget="quick"), min_seeds=3)[0]
     labels = ["student-only", "cwd", "kd", "cwd+gskd"]
     assert m.labels == labels and len(m.pairs) == 6
     vals = {l: VALUES[l.replace("+", ",")] for l in labels}
@@ -322,13 +398,13 @@ def test_significance_matrix_recomputed_from_rows(store):
 
 
 def test_significance_few_seeds_are_marked_and_warned(tmp_path, cfg):
-    from harness.tables import significance
+    from harness.report import significance
 
     s = ResultsStore(tmp_path / "few.db")
     add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49])
     add_arm(s, cfg, "kd", [0.55, 0.56, 0.57])
     add_arm(s, cfg, "cwd", [0.58, 0.60])
-    m = significance.build(s, min_seeds=3)[0]
+    m = significance.build(blk.load_blocks(s), min_seeds=3)[0]
     text = " ".join(m.notes)
     assert "cwd: 2 seed(s) < report.min_seeds = 3" in text
     assert "smallest possible p is 0.1" in text and "impossible" in text          # 3 vs 3 seeds
@@ -340,11 +416,11 @@ def test_significance_few_seeds_are_marked_and_warned(tmp_path, cfg):
 
 def test_significance_cli_files_and_empty(tmp_path, store, cfg, capsys):
     from harness.cli import main
-    from harness.tables import significance
+    from harness.report import significance
 
     out = tmp_path / "reports"
     c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "reports": str(out)}}
-    paths = significance.write(c, {"budget": "quick"}, quiet=True)
+    paths = significance.write(c, store, Filters.of(budget="quick"), quiet=True)
     md = paths["md"].read_text()
     assert "## synthetic: pspnet_resnet18_small <- deeplabv3_resnet18_small, budget quick" in md
     assert "p (Welch, Holm) / p (Mann-Whitney, Holm)" in md and "Source: significance" in md
@@ -370,7 +446,7 @@ TABLE1_003 = {"skd": (33.82, 36.55, 69.10, 72.67), "ifvd": (None, None, 69.10, 7
 
 
 def test_literature_data_file_holds_paper_003_table_1_and_the_seed_papers():
-    from harness.tables import literature
+    from harness.report import literature
 
     entries = literature.load_entries()
     t1 = {(e["method"], e["dataset"]): (e["student_only"], e["distilled"]) for e in entries
@@ -391,11 +467,11 @@ def test_literature_data_file_holds_paper_003_table_1_and_the_seed_papers():
         ("DeepLabV3-ResNet18", 76.93), ("DeepLabV3-MobileNetV2", 75.14), ("PSPNet-ResNet18", 75.86)]
     for e in entries:
         assert e["published_lift"] == pytest.approx(e["distilled"] - e["student_only"])
-        assert e["method"] == common.method_label(e["method"])
+        assert e["method"] == blk.method_label(e["method"])
 
 
 def test_literature_rejects_a_broken_entry(tmp_path):
-    from harness.tables import literature
+    from harness.report import literature
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("entries:\n  - {paper: '003', table: '1', dataset: x, student: s, teacher: t, method: kd, student_only: 60}\n")
@@ -408,7 +484,7 @@ def test_literature_rejects_a_broken_entry(tmp_path):
 
 
 def test_literature_lift_inflation_from_our_rows(store, cfg, tmp_path, capsys):
-    from harness.tables import literature
+    from harness.report import literature
 
     data = tmp_path / "lit.yaml"
     data.write_text("entries:\n"
@@ -416,7 +492,7 @@ def test_literature_lift_inflation_from_our_rows(store, cfg, tmp_path, capsys):
                     "  - {paper: '000', table: '1', dataset: synthetic, student: s, teacher: t, method: 'gskd + cwd', student_only: 72.55, distilled: 75.86}\n"
                     "  - {paper: '003', table: '1', dataset: cityscapes, student: s, teacher: t, method: apd, student_only: 74.15, distilled: 75.68}\n")
     c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(tmp_path / "out")}}
-    md = literature.write(c, quiet=True, data_file=data).read_text()
+    md = literature.write(c, store, quiet=True, data_file=data).read_text()
     ours = {lbl: 100 * (statistics.fmean(VALUES[lbl]) - statistics.fmean(VALUES["student-only"])) for lbl in ("cwd", "cwd,gskd")}
     cwd_line = next(l for l in md.splitlines() if "| cwd " in l and "cityscapes" in l)
     assert f"{ours['cwd']:+.2f} [" in cwd_line and f"{5.81 - ours['cwd']:+.2f}" in cwd_line and "synthetic/quick" in cwd_line

@@ -1,7 +1,7 @@
 """Method x method significance matrices: ``python -m harness significance``.
 
 Writes ``reports/significance.md`` and ``.tex``. For each block (dataset, student, teacher, budget;
-see ``harness.tables.common``) and every unordered pair of its arms (student-only included):
+see ``harness.report.blocks``) and every unordered pair of its arms (student-only included):
 
 - the difference of mean val mIoU (row minus column, percentage points) with its 95% bootstrap CI
   (``harness.stats.bootstrap_diff``, seed 0; the mirrored cell is the negated interval);
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import stats
-from harness.tables.common import (MISSING, STUDENT_ONLY, Block, fmt_p, load_blocks, markdown_table, publish,
-                                   source_lines, stars, tex, tex_title)
+from harness.report.blocks import MISSING, STUDENT_ONLY, Block, load_blocks, source_lines
+from harness.report.filters import Filters
+from harness.report.render import fmt_p, markdown_table, publish, stars, tex, tex_title
 
 DAGGER = "+"          # Markdown marker of a cell below min_seeds (LaTeX: \dagger)
 
@@ -73,6 +74,7 @@ def build_matrix(block: Block, min_seeds: int = 3, seed: int = 0, n_resamples: i
         m.notes.append("only one arm in this block: nothing to compare")
     if STUDENT_ONLY not in labels:
         m.notes.append("no tuned student-only arm in this block")
+    m.notes += block.notes
     for label in labels:
         n = block.arms[label].n
         if n < min_seeds:
@@ -95,8 +97,8 @@ def build_matrix(block: Block, min_seeds: int = 3, seed: int = 0, n_resamples: i
     return m
 
 
-def build(store, min_seeds: int = 3, **filters) -> List[Matrix]:
-    return [build_matrix(b, min_seeds=min_seeds) for b in load_blocks(store, **filters)]
+def build(blocks: Sequence[Block], min_seeds: int = 3) -> List[Matrix]:
+    return [build_matrix(b, min_seeds=min_seeds) for b in blocks]
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -198,28 +200,17 @@ def to_latex(mats: Sequence[Matrix], source: Sequence[str], empty_message: str =
 
 
 # ---------------------------------------------------------------------------------------- write
-def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, quiet: bool = False) -> Dict[str, Path]:
-    from harness.store import ResultsStore
-
-    filters = dict(filters or {})
-    filters.pop("test", None)
-    methods = filters.pop("method", None)
-    store = ResultsStore(cfg["store"]["url"])
+def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), blocks: Optional[Sequence[Block]] = None,
+          quiet: bool = False) -> Dict[str, Path]:
+    """The matrices of `blocks` (default: the filtered blocks of `store`) into cfg's reports folder."""
+    if blocks is None:
+        blocks = load_blocks(store, **filters.selection())
     min_seeds = int((cfg.get("report") or {}).get("min_seeds", 3))
-    mats = build(store, min_seeds=min_seeds, methods=methods, **filters)
+    mats = build(blocks, min_seeds=min_seeds)
     rows = [r for m in mats for r in m.block.rows]
-    shown = ", ".join(f"{k}={v}" for k, v in {**filters, "method": methods}.items() if v) or "none"
-    source = source_lines(store.url, rows, what="significance") + [f"Filters: {shown}; report.min_seeds = {min_seeds}"]
+    source = source_lines(store.url, rows, what="significance") + [
+        f"Filters: {filters.shown()}; report.min_seeds = {min_seeds}"]
     empty = "" if mats else (f"No completed rerun rows in {store.url}: run python -m harness sweep +method=NAME "
                              f"first (its reruns stage gives the seeds compared here).")
     return publish(cfg["paths"]["reports"], "significance",
                    {"md": to_markdown(mats, source, empty), "tex": to_latex(mats, source, empty)}, quiet, empty)
-
-
-def cmd_significance(overrides: List[str]) -> int:
-    from harness.config import load_config
-    from harness.tables.leaderboard import split_filters
-
-    filters, rest = split_filters(overrides)
-    write(load_config(rest), filters)
-    return 0

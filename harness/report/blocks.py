@@ -1,10 +1,13 @@
-"""What every table shares: the rerun rows grouped into blocks, row ids, the source footer.
+"""Rows -> blocks: the rerun rows grouped into comparisons, row ids, the source footer.
 
 A **block** is one comparison: (dataset, student, teacher, budget). Its **arms** are the tuned
 student-only arm (label ``student-only``) and one distilled arm per method or combination (label
 ``kd``, ``cwd+gskd``, ...). The numbers of an arm are the ``final_miou`` of its completed rows of the
-protocol's rerun stage (``stage == "reruns"`` in ``sweeps/default.yaml``: fresh seeds, reported on
-``val``). A student-only row has no teacher in the database; it belongs to every block with the same
+protocol's rerun stage (fresh seeds, reported on ``val``), found by its kind, not by its name: a row
+is evidence when ``extra_json.stage_kind == "rerun"``, or, for rows recorded without a stage kind,
+when its ``stage`` is one of ``rerun_stages`` of the protocol named in its config
+(``config_json.sweep.protocol``; ``reruns`` in ``sweeps/default.yaml``). A protocol that cannot be
+loaded falls back to the stage name ``reruns``, and the block says so in ``Block.notes``. A student-only row has no teacher in the database; it belongs to every block with the same
 (dataset, student, budget), since one tuned student-only arm serves every teacher and method.
 
 The budget is part of the block because a smoke and a quick sweep of the same comparison can share
@@ -18,15 +21,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import statistics
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from harness.config import stable_hash
+from harness.sweep.protocol import RERUN, load_protocol, rerun_stages
 
 STUDENT_ONLY = "student-only"
-RERUN_STAGE = "reruns"
+FALLBACK_RERUN_STAGE = "reruns"  # rows without a stage kind whose protocol cannot be loaded
 MISSING = "n/a"  # never a silent zero: a missing cell says so, the reason goes under the table
 
 
@@ -105,6 +107,7 @@ class Block:
     teacher: Optional[str]
     budget: Optional[str]
     arms: Dict[str, Arm] = field(default_factory=dict)   # student-only first, then methods sorted
+    notes: List[str] = field(default_factory=list)       # how its rows were found, where that is a guess
 
     @property
     def key(self) -> Tuple[str, str, Optional[str], Optional[str]]:
@@ -127,15 +130,56 @@ class Block:
         return [r for a in self.arms.values() for r in a.rows]
 
 
-def rerun_rows(store, stage: str = RERUN_STAGE, **equals) -> List[Dict[str, Any]]:
-    """Completed rows of the rerun stage with a final mIoU (arms student-only and distilled)."""
-    rows = store.query(stage=stage, status="completed", arm=[STUDENT_ONLY, "distilled"], **equals)
-    return [r for r in rows if r["final_miou"] is not None]
+class RerunStages:
+    """Tells whether a row belongs to its protocol's rerun stage (one protocol load per name).
+
+    ``stage_kind`` in ``extra_json`` decides when present; otherwise the row's protocol is loaded
+    and its rerun stages (``harness.sweep.protocol.rerun_stages``) decide; a protocol that cannot be
+    loaded falls back to ``FALLBACK_RERUN_STAGE`` with a note.
+    """
+
+    def __init__(self) -> None:
+        self._stages: Dict[Optional[str], Tuple[List[str], Optional[str]]] = {}
+
+    def _of(self, protocol: Optional[str]) -> Tuple[List[str], Optional[str]]:
+        if protocol not in self._stages:
+            try:
+                if not protocol:
+                    raise ValueError("no protocol recorded in config_json.sweep.protocol")
+                self._stages[protocol] = (rerun_stages(load_protocol(protocol)), None)
+            except Exception as exc:  # noqa: BLE001 - an old or moved protocol must not hide the rows
+                what = f"protocol '{protocol}'" if protocol else "rows"
+                self._stages[protocol] = ([FALLBACK_RERUN_STAGE], (
+                    f"{what} without a stage kind: rerun stage taken to be '{FALLBACK_RERUN_STAGE}' "
+                    f"(the protocol could not be loaded: {exc})"))
+        return self._stages[protocol]
+
+    def __call__(self, row: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
+        """(is a rerun row, note when that was decided by the fallback)."""
+        kind = (row.get("extra_json") or {}).get("stage_kind")
+        if kind is not None:
+            return kind == RERUN, None
+        stages, note = self._of(protocol_of(row))
+        return row.get("stage") in stages, note
+
+
+def rerun_rows(store, **equals) -> List[Tuple[Dict[str, Any], Optional[str]]]:
+    """(row, fallback note) of the completed rerun rows with a final mIoU (student-only and distilled)."""
+    is_rerun = RerunStages()
+    rows = store.query(status="completed", arm=[STUDENT_ONLY, "distilled"], **equals)
+    out = []
+    for r in rows:
+        if r["final_miou"] is None:
+            continue
+        keep, note = is_rerun(r)
+        if keep:
+            out.append((r, note))
+    return out
 
 
 def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = None,
                 teacher: Optional[str] = None, budget: Optional[str] = None,
-                methods: Optional[Iterable[str]] = None, stage: str = RERUN_STAGE) -> List[Block]:
+                methods: Optional[Iterable[str]] = None) -> List[Block]:
     """Blocks of the completed rerun rows, filtered by the given values, in a stable order.
 
     `methods` keeps only those distilled arms (labels as `method_label` writes them); the
@@ -143,9 +187,11 @@ def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = N
     distilled arm yields one block with teacher None.
     """
     equals = {k: v for k, v in (("dataset", dataset), ("student", student)) if v is not None}
-    rows = rerun_rows(store, stage=stage, **equals)
+    found = rerun_rows(store, **equals)
     if budget is not None:
-        rows = [r for r in rows if budget_of(r) == budget]
+        found = [(r, n) for r, n in found if budget_of(r) == budget]
+    notes = {id(r): n for r, n in found if n}
+    rows = [r for r, _ in found]
     keep = None if methods is None else {method_label(m) for m in methods}
     students: Dict[Tuple, List[Dict]] = {}
     distilled: Dict[Tuple, Dict[str, List[Dict]]] = {}
@@ -171,23 +217,24 @@ def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = N
             block.arms[STUDENT_ONLY] = Arm(STUDENT_ONLY, students[(ds, st, bud)])
         for label in sorted(distilled.get(key, {})):
             block.arms[label] = Arm(label, distilled[key][label])
+        block.notes = list(dict.fromkeys(notes[id(r)] for r in block.rows if id(r) in notes))
         blocks.append(block)
     return blocks
 
 
-def find_row(store, row_id_: str, stage: str = RERUN_STAGE) -> List[Dict[str, Any]]:
+def find_row(store, row_id_: str) -> List[Dict[str, Any]]:
     """The completed rerun rows behind a leaderboard row id (oldest first); [] for an unknown id."""
-    for block in load_blocks(store, stage=stage):
+    for block in load_blocks(store):
         for label, arm in block.arms.items():
             if block.row_id(label) == row_id_:
                 return list(arm.rows)
     return []
 
 
-def known_row_ids(store, stage: str = RERUN_STAGE) -> Dict[str, str]:
+def known_row_ids(store) -> Dict[str, str]:
     """id -> 'dataset student <- teacher [label] budget' for every row of the leaderboard."""
     out = {}
-    for block in load_blocks(store, stage=stage):
+    for block in load_blocks(store):
         for label in block.arms:
             out[block.row_id(label)] = f"{block.title} [{label}]"
     return out
@@ -224,74 +271,3 @@ def _hide_password(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a plain path is fine as it is
         return str(url)
-
-
-def missing(reason: str) -> str:
-    """The text of a cell without a value: 'n/a (reason)'."""
-    return f"{MISSING} ({reason})"
-
-
-# ----------------------------------------------------------------------------------- formatting
-def pct(value: Optional[float], digits: int = 2) -> Optional[float]:
-    """A fraction as percentage points, rounded for display; None stays None."""
-    return None if value is None else round(100.0 * value, digits)
-
-
-def fmt_p(p: Optional[float]) -> str:
-    if p is None:
-        return MISSING
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def stars(p: Optional[float]) -> str:
-    """Significance marker of a (Holm-adjusted) p-value: * < 0.05, ** < 0.01, *** < 0.001."""
-    if p is None:
-        return ""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "<": r"\textless{}", ">": r"\textgreater{}"}
-
-
-def tex(text: Any) -> str:
-    """Escape LaTeX's special characters in plain text."""
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
-
-
-def tex_title(text: Any) -> str:
-    """`tex` plus the arrow of 'student <- teacher'."""
-    return tex(text).replace(r"\textless{}-", r"$\leftarrow$")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> List[str]:
-    """A pipe table padded to column width, so it also reads in a terminal."""
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    align = (align or "l" * len(header)).ljust(len(header), "l")
-
-    def line(r):
-        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
-    return [line(cells[0]), rule] + [line(r) for r in cells[1:]]
-
-
-def publish(out_dir: Any, name: str, outputs: Dict[str, Any], quiet: bool, empty: str) -> Dict[str, Path]:
-    """Write `<out_dir>/<name>.<ext>` for each output (a text, or a function writing to the path),
-    echo the Markdown and the paths unless `quiet`, and say why a table is empty on stderr."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{name}.{ext}" for ext in outputs}
-    for ext, content in outputs.items():
-        if callable(content):
-            content(paths[ext])
-        else:
-            paths[ext].write_text(content)
-    if not quiet:
-        print(outputs["md"])
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if empty:
-        print(empty, file=sys.stderr)
-    return paths

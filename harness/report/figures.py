@@ -1,7 +1,8 @@
-"""Figures of `python -m harness report` (matplotlib, Agg backend, PNG in `reports/`).
+"""Figures of `python -m harness report` (matplotlib, Agg backend, PNG in `reports/`), drawn from
+the rows and from plain measurements handed in by the caller; nothing here runs a model.
 
 Each figure carries its source under the plot (database, protocol, budget, seeds, date, git commit;
-`harness.tables.common.source_lines`), and `reports/figures.md` lists every figure written and,
+`harness.report.blocks.source_lines`), and `reports/figures.md` lists every figure written and,
 for each figure that could not be drawn, why (empty database, no such stage, teacher not trained).
 
 * ``history_<sweep>.png`` -- optimisation history per stage and arm: for every sweep (one arm of a
@@ -19,26 +20,20 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
   and of the teacher, the Pareto front (no other point has both more mIoU and less energy) drawn as
   a line; arms without energy are named in the figure, never drawn at zero.
 * ``entropy_<teacher>.png`` -- paper 003 Figure 1: share of pixels per Shannon entropy (nats,
-  0 .. ln K) of the teacher's softmax(z / tau) for tau in 1, 2, 4, 8, 16, over the logits of the
-  first `ENTROPY_IMAGES` val images upsampled to the image size (every pixel, like the paper). The
-  teacher comes from the cache only (or `teacher.checkpoint`): `report` never trains one.
+  0 .. ln K) of the teacher's softmax(z / tau) for tau in 1, 2, 4, 8, 16, as measured by
+  `harness.measure.entropy` (the first val images, every pixel; the teacher from the cache only).
 """
 from __future__ import annotations
 
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness.tables.common import (MISSING, STUDENT_ONLY, Block, budget_of, load_blocks, method_label,
-                                   source_lines)
-
-TEMPERATURES = (1, 2, 4, 8, 16)
-ENTROPY_IMAGES = 32
-ENTROPY_BINS = 30
-SUBSTAGE = re.compile(r"^(?P<stage>[^\[]+)\[(?P<path>.+)\]$")
+from harness.report.blocks import MISSING, STUDENT_ONLY, Block, budget_of, method_label, source_lines
+from harness.report.energy import run_energy, teacher_runs
+from harness.sweep.protocol import parse_stage_name
 
 Output = Tuple[Optional[Path], str]  # (file written or None, what it shows / why it is missing)
 
@@ -173,9 +168,9 @@ def response_data(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str], List[
     """(stage, path) -> [(value, mIoU, status)] for every tau / weight searched in a stage."""
     out: Dict[Tuple[str, str], List[Tuple[float, float, str]]] = {}
     for stage, srows in _stages(rows).items():
-        m = SUBSTAGE.match(stage)
-        if m:
-            paths = [m.group("path")]
+        _, searched = parse_stage_name(stage)
+        if searched is not None:
+            paths = [searched]
         else:
             keys = {k for r in srows for k in (r.get("params_json") or {})}
             paths = sorted(k for k in keys if (is_temperature(k) or is_weight(k)) and
@@ -280,8 +275,6 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
 
 
 def pareto(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
-    from harness.tables.energy import run_energy, teacher_runs
-
     if not blocks:
         return [(None, f"mIoU vs training energy: no completed rerun rows in {store.url}")]
     plt = _pyplot()
@@ -335,120 +328,54 @@ def pareto(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
 
 
 # -------------------------------------------------------------------------------- entropy
-def teacher_configs(store, cfg: dict, blocks: Sequence[Block]) -> List[dict]:
-    """Configs of the distinct teachers of the distilled rerun rows (paths from `cfg`); else cfg's."""
-    from harness.engine.teacher import teacher_key
-
-    found: Dict[str, dict] = {}
-    for block in blocks:
-        for label, arm in block.arms.items():
-            if label == STUDENT_ONLY:
-                continue
-            for r in arm.rows:
-                rcfg = {**r["config_json"], "paths": cfg["paths"]}
-                found.setdefault(teacher_key(rcfg), rcfg)
-    return list(found.values()) or [cfg]
-
-
-def cached_teacher(tcfg: dict):
-    """(model, None) from the teacher cache or teacher.checkpoint, or (None, why) -- never trains."""
-    from harness.engine.teacher import load_checkpoint, teacher_dir
-
-    if tcfg["teacher"].get("checkpoint"):
-        return load_checkpoint(tcfg, Path(tcfg["teacher"]["checkpoint"])), None
-    ckpt = teacher_dir(tcfg) / "teacher.pt"
-    if not ckpt.is_file():
-        return None, (f"teacher {tcfg['teacher']['name']} (budget {tcfg['budget']['name']}, dataset "
-                      f"{tcfg['dataset']['name']}) is not trained yet: no {ckpt}. Train it with "
-                      f"`python -m harness teacher teacher={tcfg['teacher']['name']} budget={tcfg['budget']['name']}` "
-                      f"(or run a sweep), then rerun the report.")
-    return load_checkpoint(tcfg, ckpt), None
-
-
-def entropy_shares(logits, temperatures: Iterable[float] = TEMPERATURES, bins: int = ENTROPY_BINS):
-    """{tau: share of pixels per entropy bin} of softmax(logits / tau) (B x K x H x W), bins on [0, ln K]."""
-    import torch
-
-    k = logits.shape[1]
-    edges = torch.linspace(0.0, math.log(k), bins + 1, dtype=torch.float64)
-    out = {}
-    for tau in temperatures:
-        logp = torch.log_softmax(logits.double() / tau, dim=1)
-        h = (-(logp.exp() * logp).sum(dim=1)).flatten().clamp(0.0, math.log(k))
-        counts = torch.histc(h, bins=bins, min=0.0, max=math.log(k))
-        out[tau] = (counts / h.numel()).tolist()
-    return out, edges.tolist()
-
-
-def teacher_logits(model, tcfg: dict, images: int = ENTROPY_IMAGES):
-    """Logits of the first `images` val images, upsampled to the image size (B x K x H x W)."""
-    import torch
-    import torch.nn.functional as F
-
-    from harness.data import build_dataset
-
-    ds = build_dataset(tcfg["dataset"], "val", cache_dir=str(Path(tcfg["paths"]["cache"]) / "data"))
-    n = min(images, len(ds))
-    x = torch.stack([ds[i][0] for i in range(n)])
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, n, 8):
-            part = x[start:start + 8]
-            z = model(part).logits
-            chunks.append(F.interpolate(z, size=part.shape[-2:], mode="bilinear", align_corners=True))
-    return torch.cat(chunks), n
-
-
-def entropy_histograms(store, cfg: dict, blocks: Sequence[Block], out_dir: Path,
-                       temperatures: Sequence[float] = TEMPERATURES, images: int = ENTROPY_IMAGES) -> List[Output]:
-    from harness.engine.teacher import teacher_key
-
+def entropy_histograms(store_url: str, entropies: Sequence[Any], out_dir: Path) -> List[Output]:
+    """One figure per measured teacher (`harness.measure.entropy.TeacherEntropy`); a text in place of
+    a measurement is the reason it is missing."""
     plt = _pyplot()
     out: List[Output] = []
-    for tcfg in teacher_configs(store, cfg, blocks):
-        model, why = cached_teacher(tcfg)
-        if model is None:
-            out.append((None, f"entropy histogram: {why}"))
+    for e in entropies:
+        if isinstance(e, str):
+            out.append((None, f"entropy histogram: {e}"))
             continue
-        model.eval()
-        logits, n = teacher_logits(model, tcfg, images)
-        shares, edges = entropy_shares(logits, temperatures)
+        temperatures = e.temperatures
         fig, axes = plt.subplots(1, len(temperatures), figsize=(2.6 * len(temperatures), 2.6), sharey=True)
         axes = list(axes) if len(temperatures) > 1 else [axes]
+        edges = e.edges
         width = edges[1] - edges[0]
         for ax, tau in zip(axes, temperatures):
-            ax.bar(edges[:-1], [100 * s for s in shares[tau]], width=width, align="edge", color="C0")
+            ax.bar(edges[:-1], [100 * s for s in e.shares[tau]], width=width, align="edge", color="C0")
             ax.set_title(f"tau = {tau:g}", fontsize=8)
             ax.set_xlabel("entropy (nats)", fontsize=7)
             ax.set_xlim(0, edges[-1])
             ax.tick_params(labelsize=7)
         axes[0].set_ylabel("share of pixels (%)", fontsize=7)
-        k = logits.shape[1]
-        fig.suptitle(f"Entropy of the teacher's softmax(z / tau): {tcfg['teacher']['name']} on "
-                     f"{tcfg['dataset']['name']} ({n} val images, {logits[:, 0].numel():,} pixels, "
+        k = e.classes
+        fig.suptitle(f"Entropy of the teacher's softmax(z / tau): {e.teacher} on "
+                     f"{e.dataset} ({e.images} val images, {e.pixels:,} pixels, "
                      f"{k} classes, max ln {k} = {math.log(k):.2f})", fontsize=9)
         fig.tight_layout()
-        key = teacher_key(tcfg)
-        lines = [f"Source: teacher checkpoint {tcfg['teacher'].get('checkpoint') or 'from the cache, key ' + key}, "
-                 f"budget {tcfg['budget']['name']}; first {n} images of the val split (paper 003 Figure 1 "
-                 f"used 800 Cityscapes images)"] + source_lines(store.url, [], "")[-1:]
-        path = save(fig, out_dir / f"entropy_{slug(tcfg['teacher']['name'])}_{key}.png", lines)
-        out.append((path, f"entropy histogram of {tcfg['teacher']['name']} at tau {', '.join(map(str, temperatures))}"))
+        lines = [f"Source: teacher checkpoint {e.checkpoint or 'from the cache, key ' + e.key}, "
+                 f"budget {e.budget}; first {e.images} images of the val split (paper 003 Figure 1 "
+                 f"used 800 Cityscapes images)"] + source_lines(store_url, [], "")[-1:]
+        path = save(fig, out_dir / f"entropy_{slug(e.teacher)}_{e.key}.png", lines)
+        out.append((path, f"entropy histogram of {e.teacher} at tau {', '.join(map(str, temperatures))}"))
     return out
 
 
 # ------------------------------------------------------------------------------------ all
-def write_plots(store, cfg: dict, filters: Optional[dict] = None) -> List[Output]:
-    """Every figure into cfg's reports folder, plus reports/figures.md listing them (or why not)."""
+def write_figures(store, cfg: dict, blocks: Sequence[Block], entropies: Sequence[Any] = (),
+                  filters: Optional[dict] = None) -> List[Output]:
+    """Every figure of `blocks` (and of the sweeps matching `filters`, `Filters.selection()`) into
+    cfg's reports folder, plus reports/figures.md listing them (or why not). `entropies`: the
+    teachers' entropy measurements (`harness.measure.entropy.measure_entropy`)."""
     out_dir = Path(cfg["paths"]["reports"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = load_blocks(store, **(filters or {}))
     outputs: List[Output] = []
     outputs += optimisation_history(store, out_dir, filters)
     outputs += response_curves(store, out_dir, filters)
     outputs += seed_distributions(store, blocks, out_dir)
     outputs += pareto(store, blocks, out_dir)
-    outputs += entropy_histograms(store, cfg, blocks, out_dir)
+    outputs += entropy_histograms(store.url, entropies, out_dir)
     lines = ["# Figures", "", f"Written by `python -m harness report` from {store.url}; every figure states "
              "its source under the plot.", ""]
     for path, text in outputs:
@@ -457,41 +384,3 @@ def write_plots(store, cfg: dict, filters: Optional[dict] = None) -> List[Output
                                                                    "figures")]
     (out_dir / "figures.md").write_text("\n".join(lines) + "\n")
     return outputs
-
-
-# --------------------------------------------------------------------------------- report
-REPORT_PARTS = ("leaderboard", "significance", "literature", "energy")
-
-
-def run_report(overrides: List[str]) -> int:
-    """`python -m harness report`: every table command, then the figures; a part that fails is
-    reported and the others still run (exit 1); a bad override stops everything (exit 2)."""
-    import traceback
-
-    from harness.cli import COMMANDS
-    from harness.config import load_config
-    from harness.errors import ConfigError
-    from harness.store import ResultsStore
-    from harness.tables.energy import block_filters
-
-    status = 0
-    for name in REPORT_PARTS:
-        if name not in COMMANDS:
-            print(f"[report] {name}: this version of the harness has no '{name}' command, skipped", flush=True)
-            continue
-        print(f"[report] {name}", flush=True)
-        try:
-            status = max(status, COMMANDS[name][0](list(overrides)))
-        except ConfigError:
-            raise
-        except Exception:  # noqa: BLE001 - one broken part must not hide the others
-            traceback.print_exc()
-            print(f"[report] {name} failed (traceback above); going on with the rest", file=sys.stderr)
-            status = 1
-    print("[report] figures", flush=True)
-    filters, rest = block_filters(overrides)
-    cfg = load_config(rest)
-    for path, text in write_plots(ResultsStore(cfg["store"]["url"]), cfg, filters):
-        print(f"  {path}: {text}" if path else f"  not drawn: {text}")
-    print(f"  index: {Path(cfg['paths']['reports']) / 'figures.md'}")
-    return status

@@ -3,7 +3,7 @@
 ``python -m harness leaderboard [dataset=... student=... teacher=... budget=... +method=...]``
 writes ``results/leaderboard.md``, ``.csv`` and ``.tex`` (booktabs).
 
-One block per (dataset, student, teacher, budget) (see ``harness.tables.common``); rows = the tuned
+One block per (dataset, student, teacher, budget) (see ``harness.report.blocks``); rows = the tuned
 student-only arm, then each method, then each combination. Per row, from the ``final_miou`` of its
 completed rerun rows (mIoU in percentage points):
 
@@ -16,7 +16,8 @@ completed rerun rows (mIoU in percentage points):
   adjusted p < 0.05 / 0.01 / 0.001. The CSV also holds the raw Welch and Mann-Whitney p-values;
 - energy: mean kWh and kg CO2 of one training run (the rerun rows), and the energy of the arm's
   whole sweep (tuning included: every row of its sweep ids, whatever their status);
-- params, FLOPs and CPU latency of the deployed student (``harness.tables.efficiency``);
+- params, FLOPs and CPU latency of the deployed student: measured by ``harness.measure.efficiency``
+  and handed in by the caller (``efficiency``: block key -> measurement, or the reason it failed);
 - bold: the best mean of the block; underlined (Markdown: _italic_): the other rows whose mean is
   within one std of the best row's std (paper 003's convention).
 
@@ -29,11 +30,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import stats
-from harness.tables.common import (MISSING, STUDENT_ONLY, Arm, Block, fmt_p, load_blocks, markdown_table,
-                                   method_label, pct, publish, source_lines, stars, tex, tex_title)
-
-TESTS = ("welch", "mann-whitney")
-FILTER_KEYS = ("dataset", "student", "teacher", "budget", "method", "test")
+from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, protocol_of, source_lines
+from harness.report.filters import TESTS, Filters
+from harness.report.render import fmt_p, markdown_table, pct, publish, stars, tex, tex_title
 
 CSV_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("dataset", "string"), ("student", "string"), ("teacher", "string"), ("budget", "string"),
@@ -80,7 +79,7 @@ class Row:
 class BlockTable:
     block: Block
     rows: List[Row]
-    efficiency: Any = None            # harness.tables.efficiency.Efficiency or None
+    efficiency: Any = None            # harness.measure.efficiency.Efficiency (plain data) or None
     efficiency_note: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -91,7 +90,9 @@ def _order(label: str) -> Tuple[int, int, str]:
 
 
 def build_block(block: Block, store=None, test: str = "welch", seed: int = 0, n_resamples: int = 9999,
-                min_seeds: int = 3, efficiency: bool = True, latency: bool = True) -> BlockTable:
+                min_seeds: int = 3, efficiency: Any = None) -> BlockTable:
+    """The rows of one block; `efficiency` is the block's measured cost (an object with params,
+    flops, latency_ms and describe()), or a text saying why it is missing, or None (no columns)."""
     if test not in TESTS:
         raise ValueError(f"unknown test '{test}'; valid: {', '.join(TESTS)}")
     base = block.baseline
@@ -102,6 +103,7 @@ def build_block(block: Block, store=None, test: str = "welch", seed: int = 0, n_
                            f"(run the sweep's reruns stage for this student)")
     if not any(label != STUDENT_ONLY for label in block.arms):
         table.notes.append("no distilled arm in this block yet: run python -m harness sweep +method=NAME")
+    table.notes += block.notes
     for label in sorted(block.arms, key=_order):
         arm = block.arms[label]
         row = Row(label, block.row_id(label), arm, arm.mean, arm.std)
@@ -124,8 +126,10 @@ def build_block(block: Block, store=None, test: str = "welch", seed: int = 0, n_
     for r, p in zip([r for r in table.rows if not r.is_baseline], holm.adjusted):
         r.p_holm = p
     _mark_best(table.rows)
-    if efficiency:
-        _efficiency(table, latency)
+    if isinstance(efficiency, str):
+        table.efficiency_note = efficiency
+    else:
+        table.efficiency = efficiency
     return table
 
 
@@ -161,21 +165,10 @@ def _mark_best(rows: List[Row]) -> None:
             r.within_one_std = True
 
 
-def _efficiency(table: BlockTable, latency: bool) -> None:
-    from harness.tables.efficiency import measure_from_row
-
-    rows = table.block.rows
-    if not rows:
-        return
-    try:
-        table.efficiency = measure_from_row(rows[0], latency=latency)
-    except Exception as exc:  # noqa: BLE001 - a model that cannot be built must not hide the table
-        table.efficiency_note = f"params/FLOPs/latency n/a: {type(exc).__name__}: {exc}"
-
-
-def build(store, dataset=None, student=None, teacher=None, budget=None, methods=None, **kw) -> List[BlockTable]:
-    blocks = load_blocks(store, dataset=dataset, student=student, teacher=teacher, budget=budget, methods=methods)
-    return [build_block(b, store=store, **kw) for b in blocks]
+def build(blocks: Sequence[Block], store=None, efficiency: Optional[Dict[Any, Any]] = None,
+          **kw) -> List[BlockTable]:
+    """One table per block; `efficiency`: block key -> measured cost or why it is missing."""
+    return [build_block(b, store=store, efficiency=(efficiency or {}).get(b.key), **kw) for b in blocks]
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -294,8 +287,6 @@ def to_latex(tables: Sequence[BlockTable], source: Sequence[str], test: str = "w
 
 
 def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str = "welch") -> List[Dict[str, Any]]:
-    from harness.tables.common import protocol_of
-
     out = []
     for t in tables:
         b, e = t.block, t.efficiency
@@ -342,21 +333,19 @@ def read_csv(path) -> "Any":
 
 
 # ---------------------------------------------------------------------------------------- write
-def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, efficiency: bool = True,
-          latency: bool = True, quiet: bool = False) -> Dict[str, Path]:
-    """Build the leaderboard from cfg's results database, write the three files, return their paths."""
+def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), blocks: Optional[Sequence[Block]] = None,
+          efficiency: Optional[Dict[Any, Any]] = None, quiet: bool = False) -> Dict[str, Path]:
+    """Build the leaderboard of `blocks` (default: the filtered blocks of `store`), write the three
+    files into cfg's results folder, return their paths. `efficiency`: see `build`."""
     from harness.provenance import git_commit
-    from harness.store import ResultsStore
 
-    filters = dict(filters or {})
-    test = filters.pop("test", "welch")
-    methods = filters.pop("method", None)
-    store = ResultsStore(cfg["store"]["url"])
+    test = filters.test
+    if blocks is None:
+        blocks = load_blocks(store, **filters.selection())
     min_seeds = int((cfg.get("report") or {}).get("min_seeds", 3))
-    tables = build(store, methods=methods, test=test, min_seeds=min_seeds, efficiency=efficiency,
-                   latency=latency, **filters)
+    tables = build(blocks, store, efficiency, test=test, min_seeds=min_seeds)
     rows = [x for t in tables for x in t.block.rows]
-    shown = ", ".join(f"{k}={v}" for k, v in {**filters, "method": methods}.items() if v) or "none"
+    shown = filters.shown()
     source = source_lines(store.url, rows, what="leaderboard") + [f"Filters: {shown}"]
     empty = ""
     if not tables:
@@ -366,35 +355,3 @@ def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, efficie
         "md": to_markdown(tables, source, test, empty),
         "csv": lambda path: write_csv(csv_rows(tables, store.url, git_commit() or "", test), path),
         "tex": to_latex(tables, source, test, empty)}, quiet, empty)
-
-
-def split_filters(overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
-    """Separate leaderboard filters (dataset=, student=, teacher=, budget=, +method=, test=) from
-    config overrides (paths.results=..., store.url=...)."""
-    filters: Dict[str, Any] = {}
-    rest: List[str] = []
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        name = key.lstrip("+~")
-        if name in FILTER_KEYS and value:
-            if name == "method":
-                value = value.strip("[]")
-                filters.setdefault("method", []).append(method_label(value))
-            else:
-                filters[name] = value
-        else:
-            rest.append(ov)
-    if "test" in filters and filters["test"] not in TESTS:
-        from harness.errors import ConfigError
-
-        raise ConfigError(f"unknown test '{filters['test']}'. Valid: {', '.join(TESTS)}")
-    return filters, rest
-
-
-def cmd_leaderboard(overrides: List[str]) -> int:
-    from harness.config import load_config
-
-    filters, rest = split_filters(overrides)
-    cfg = load_config(rest)
-    write(cfg, filters)
-    return 0

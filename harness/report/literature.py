@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from harness import stats
-from harness.tables.common import (MISSING, STUDENT_ONLY, Block, load_blocks, markdown_table, method_label,
-                                   source_lines)
+from harness.report.blocks import MISSING, STUDENT_ONLY, Block, load_blocks, method_label, source_lines
+from harness.report.filters import Filters
+from harness.report.render import markdown_table
 
 DATA_FILE = Path(__file__).with_name("literature.yaml")
 REQUIRED = ("paper", "table", "dataset", "student", "teacher", "method", "student_only", "distilled")
@@ -111,7 +112,7 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
              "bootstrap CI; setting = dataset, student <- teacher, budget, seeds distilled/student-only). "
              "Inflation = published lift - our lift. (k Ls): k loss terms besides CE (paper 003, Table 1); (tuned S): "
              "the student-only arm was tuned; (re-run): the authors re-ran the method. "
-             "Data: harness/tables/literature.yaml.", ""]
+             "Data: harness/report/literature.yaml.", ""]
     lines += ["## Our tuned lifts", ""]
     if ours:
         rows = [[o.label, o.setting, o.cell()] for label in sorted(ours) for o in ours[label]]
@@ -148,23 +149,19 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, quiet: bool = False,
+def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), quiet: bool = False,
           data_file: Path | str = DATA_FILE) -> Path:
-    from harness.store import ResultsStore
-
-    filters = dict(filters or {})
+    """results/literature.md: the published entries matching dataset= and +method=, next to our lifts."""
     entries = load_entries(data_file)
-    methods = filters.get("method")
+    methods = filters.methods
     if filters.get("dataset"):
-        entries = [e for e in entries if e["dataset"] == filters["dataset"]]
+        entries = [e for e in entries if e["dataset"] == filters.get("dataset")]
     if methods:
         entries = [e for e in entries if e["method"] in {method_label(m) for m in methods}]
-    store = ResultsStore(cfg["store"]["url"])
     ours = our_lifts(store)
     rows = [r for lst in ours.values() for o in lst for r in (o.block.arms[o.label].rows + o.block.baseline.rows)]
     unique = list({r["run_id"]: r for r in rows}.values())
-    shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "none"
-    md = to_markdown(entries, ours, source_lines(store.url, unique, what="our lifts"), shown)
+    md = to_markdown(entries, ours, source_lines(store.url, unique, what="our lifts"), filters.shown_all())
     out = Path(cfg["paths"]["results"]) / "literature.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
@@ -174,12 +171,3 @@ def write(cfg: Dict[str, Any], filters: Optional[Dict[str, Any]] = None, quiet: 
     if not ours:
         print(f"no tuned comparison in {store.url} yet: only the published numbers are listed", file=sys.stderr)
     return out
-
-
-def cmd_literature(overrides: List[str]) -> int:
-    from harness.config import load_config
-    from harness.tables.leaderboard import split_filters
-
-    filters, rest = split_filters(overrides)
-    write(load_config(rest), filters)
-    return 0

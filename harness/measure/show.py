@@ -18,6 +18,9 @@ second `show` costs only the forward passes. The teacher comes from the teacher 
 distilled run just used it) or `teacher.checkpoint`.
 
 A missing arm or teacher gives a panel saying why instead of predictions, never a crash.
+
+This module runs models (training through `reproduce`, predictions), so it belongs to the measure
+layer; the grid is drawn with the figure helpers of `harness.report.figures`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness.tables.common import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, source_lines
+from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, source_lines
+from harness.report.filters import Filters
 
 N_IMAGES = 4
 IGNORE_COLOUR = (0, 0, 0)
@@ -90,7 +94,7 @@ def palette_of(ds, num_classes: int) -> List[Tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in cmap(k % 20)[:3]) for k in range(num_classes)]
 
 
-def choose(blocks: Sequence[Block], filters: dict) -> Tuple[Optional[Block], Optional[Arm], List[str]]:
+def choose(blocks: Sequence[Block], filters: Filters) -> Tuple[Optional[Block], Optional[Arm], List[str]]:
     """The block and distilled arm to show, plus notes (several blocks, arm chosen by mean)."""
     notes: List[str] = []
     if not blocks:
@@ -102,7 +106,7 @@ def choose(blocks: Sequence[Block], filters: dict) -> Tuple[Optional[Block], Opt
     distilled = [a for label, a in block.arms.items() if label != STUDENT_ONLY and a.n]
     if not distilled:
         return block, None, notes
-    if filters.get("methods"):
+    if filters.methods:
         return block, distilled[0], notes
     best = max(distilled, key=lambda a: a.mean)
     if len(distilled) > 1:
@@ -110,20 +114,19 @@ def choose(blocks: Sequence[Block], filters: dict) -> Tuple[Optional[Block], Opt
     return block, best, notes
 
 
-def write_show(cfg: dict, filters: Optional[dict] = None, images: int = N_IMAGES) -> Tuple[Path, List[str]]:
+def write_show(cfg: dict, store, filters: Filters = Filters(), images: int = N_IMAGES) -> Tuple[Path, List[str]]:
     """Draw the grid; returns its path and the notes printed with it."""
     import torch
 
     from harness.data import build_dataset
     from harness.engine.evaluate import predict
-    from harness.store import ResultsStore
-    from harness.tables.plots import _pyplot, block_slug, cached_teacher, save, slug
+    from harness.measure.entropy import cached_teacher
+    from harness.report.figures import _pyplot, block_slug, save, slug
 
-    filters = dict(filters or {})
-    store = ResultsStore(cfg["store"]["url"])
-    block, dist_arm, notes = choose(load_blocks(store, **filters), filters)
+    selection = filters.selection()
+    block, dist_arm, notes = choose(load_blocks(store, **selection), filters)
     if block is None:
-        notes.append(f"no completed rerun rows{' matching ' + str(filters) if filters else ''} in {store.url}: "
+        notes.append(f"no completed rerun rows{' matching ' + str(selection) if selection else ''} in {store.url}: "
                      f"only the input and ground truth can be shown (run python -m harness sweep +method=NAME)")
     base = block.baseline if block else None
     any_row = next(iter(block.rows), None) if block else None
@@ -217,16 +220,3 @@ def _wrap(text: str, width: int = 28) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(str(text), width)[:10])
-
-
-def main(overrides: List[str]) -> int:
-    from harness.config import load_config
-    from harness.tables.energy import block_filters
-
-    filters, rest = block_filters(overrides)
-    cfg = load_config(rest)
-    path, notes = write_show(cfg, filters)
-    for note in notes:
-        print(f"note: {note}")
-    print(f"written: {path}")
-    return 0

@@ -13,6 +13,9 @@ size, exactly what ``harness.engine.evaluate.predict`` runs.
 - **Latency**: the median wall time of ``repetitions`` timed forwards after ``warmup`` untimed
   ones, under ``torch.inference_mode``, on the stated device, batch size and CPU thread count
   (``torch.cuda.synchronize`` around each timing on a GPU).
+
+`for_blocks` measures the student of every leaderboard block; the result (an `Efficiency`, plain
+numbers, or the reason it could not be measured) is what `harness.report.leaderboard` shows.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from harness.config import stable_hash
 
@@ -125,3 +128,17 @@ def measure_from_row(row: Dict[str, Any], **kw) -> Efficiency:
         raise ValueError(f"run {row.get('run_id')} has no student/dataset config to build the model from")
     ds = cfg["dataset"]
     return measure(cfg["student"], ds["num_classes"], ds["image_size"], **kw)
+
+
+def for_blocks(blocks: Sequence[Any], latency: bool = True, **kw) -> Dict[Any, Union[Efficiency, str]]:
+    """block key -> the `Efficiency` of its student (from its first row), or why it is n/a."""
+    out: Dict[Any, Union[Efficiency, str]] = {}
+    for block in blocks:
+        rows = block.rows
+        if not rows:
+            continue
+        try:
+            out[block.key] = measure_from_row(rows[0], latency=latency, **kw)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be built must not hide the table
+            out[block.key] = f"params/FLOPs/latency n/a: {type(exc).__name__}: {exc}"
+    return out

@@ -1,6 +1,6 @@
 """`python -m harness energy`: training and inference energy per arm, paper 003's Table 8.
 
-For every block (dataset, student, teacher, budget; `harness.tables.common`) ``reports/energy.md``
+For every block (dataset, student, teacher, budget; `harness.report.blocks`) ``reports/energy.md``
 has one table with the rows of paper 003's Table 8 (Niemann et al., section 7):
 
     model            | val mIoU | training: energy (kWh), CO2 (kg) | inference per 10,000 images: energy (kWh), CO2 (kg)
@@ -14,14 +14,12 @@ has one table with the rows of paper 003's Table 8 (Niemann et al., section 7):
   run which trained the cached teacher (`extra_json.teacher.trained_by_run`); a teacher given as a
   checkpoint was not trained here, and the table says so. The tuning sweep of each arm (every row of
   its `sweep_id`, all stages) is summed in a second table: the cost of the search itself.
-* **Inference** is measured now, on this machine, not read from the database: the model (student
-  or teacher, as configured in the rows) runs a timed loop of forward passes at the dataset's
-  evaluation size inside `harness.energy.EnergyMeter` (codecarbon's offline tracker). The loop runs
-  at least `INFERENCE_IMAGES` images and at least `INFERENCE_MIN_SECONDS` seconds after a warm-up
-  batch, and the measured energy is extrapolated linearly to 10,000 images
-  (x 10,000 / images timed); the report states images, seconds, batch size and device. The weights
-  are freshly initialised (seed 0): the work of a dense forward pass does not depend on the values
-  of the weights. Both student arms share one inference measurement (same architecture).
+* **Inference** is measured now, on this machine, not read from the database, by
+  `harness.measure.energy` (a timed loop of forward passes of the student or teacher at the dataset's
+  evaluation size inside codecarbon's offline tracker, extrapolated to 10,000 images); the caller
+  hands the measurements in (`inference`: block key -> (student, teacher) measurement dicts) and the
+  report states images, seconds, batch size and device. Both student arms share one inference
+  measurement (same architecture).
 * **Break-even**: distilling costs the distilled arm's training energy E_train(S+M) (the teacher is
   trained in either case); each image the distilled student segments instead of the teacher saves
   e_T - e_S. Distillation is paid back after N = E_train(S+M) / (e_T - e_S) inference images
@@ -38,18 +36,16 @@ has one table with the rows of paper 003's Table 8 (Niemann et al., section 7):
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from harness.config import stable_hash
-from harness.tables.common import (MISSING, STUDENT_ONLY, Arm, Block, load_blocks, markdown_table,
-                                   source_lines)
+from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, source_lines
+from harness.report.filters import Filters
+from harness.report.render import markdown_table
 
 PER_IMAGES = 10_000
-INFERENCE_IMAGES = 64
-INFERENCE_MIN_SECONDS = 3.0
 FLAGGED = "flagged"
+Inference = Dict[Any, Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]]  # block key -> (student, teacher)
 
 # ------------------------------------------------------------------------------------- numbers
 
@@ -145,88 +141,6 @@ def break_even(train_kwh: Optional[float], student_kwh_per_image: Optional[float
     return n, (f"{n:,.0f} images" if n >= 10 else f"{n:.2g} images")
 
 
-# ------------------------------------------------------------------------------------ inference
-
-
-def measure_inference(model_cfg: dict, dataset_cfg: dict, energy_cfg: dict, device: Any, output_dir: str,
-                      batch_size: int, images: int = INFERENCE_IMAGES,
-                      min_seconds: float = INFERENCE_MIN_SECONDS) -> Dict[str, Any]:
-    """Energy of a timed inference loop of `model_cfg` at the dataset's image size, per 10k images.
-
-    Returns images and seconds timed, batch size, device, the tracker result, and `kwh_10k` /
-    `co2_10k` (None with `reason` when the tracker is off or failed, or GPU energy was flagged).
-    """
-    import torch
-
-    from harness.energy import EnergyMeter
-    from harness.engine.teacher import MODEL_KEYS, freeze
-    from harness.models import build_segmenter
-
-    device = torch.device(device)
-    torch.manual_seed(0)
-    model = freeze(build_segmenter({k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg},
-                                   int(dataset_cfg["num_classes"])).to(device))
-    h, w = (int(v) for v in dataset_cfg["image_size"])
-    batch_size = max(1, min(int(batch_size), int(images)))
-    x = torch.randn(batch_size, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    with torch.no_grad():
-        model(x)  # warm-up (allocations, cudnn), not measured
-        sync()
-        done, started = 0, time.perf_counter()
-        meter = EnergyMeter(energy_cfg, f"inference-{model_cfg.get('name', 'model')}", output_dir,
-                            gpu_used=device.type == "cuda")
-        with meter:
-            started = time.perf_counter()
-            while done < images or time.perf_counter() - started < min_seconds:
-                model(x)
-                sync()
-                done += batch_size
-            seconds = time.perf_counter() - started
-    r = meter.result
-    out = {"model": model_cfg.get("name"), "device": str(device), "batch_size": batch_size,
-           "image_size": [h, w], "images": done, "seconds": seconds, "tracker": r.get("tracker"),
-           "energy_kwh": r.get("energy_kwh"), "co2_kg": r.get("co2_kg"),
-           "carbon_intensity_g_per_kwh": r.get("carbon_intensity_g_per_kwh"),
-           "carbon_intensity_source": r.get("carbon_intensity_source"),
-           "cpu_power_mode": r.get("cpu_power_mode"), "notes": r.get("notes") or [],
-           "kwh_10k": None, "co2_10k": None, "reason": None}
-    if r.get("gpu_energy_flag"):
-        out["reason"] = f"{FLAGGED}: {r['gpu_energy_flag']}"
-    elif r.get("energy_kwh") is None:
-        out["reason"] = (f"{MISSING} (energy tracking disabled: energy.enabled=false)"
-                         if r.get("tracker") == "disabled" else
-                         f"{MISSING} (codecarbon failed: {r.get('failure_reason')})")
-    else:
-        scale = PER_IMAGES / done
-        out["kwh_10k"] = r["energy_kwh"] * scale
-        out["co2_10k"] = r["co2_kg"] * scale if r.get("co2_kg") is not None else None
-    return out
-
-
-class InferenceCache:
-    """One measurement per (model, dataset size, batch, device) for the whole report."""
-
-    def __init__(self, cfg: dict, measure=None, **kwargs):
-        self.cfg, self.measure, self.kwargs = cfg, measure or measure_inference, kwargs
-        self.results: Dict[str, Dict[str, Any]] = {}
-
-    def get(self, model_cfg: dict, dataset_cfg: dict, batch_size: int) -> Dict[str, Any]:
-        from harness.engine.train import resolve_device
-
-        device = resolve_device(self.cfg["device"])
-        key = stable_hash([model_cfg, dataset_cfg["image_size"], dataset_cfg["num_classes"], batch_size, str(device)])
-        if key not in self.results:
-            out_dir = str(Path(self.cfg["paths"]["results"]) / "energy" / "inference")
-            self.results[key] = self.measure(model_cfg, dataset_cfg, self.cfg["energy"], device, out_dir,
-                                             batch_size, **self.kwargs)
-        return self.results[key]
-
-
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -265,21 +179,12 @@ def _miou_cell(arm: Arm) -> str:
     return f"{100 * arm.mean:.2f}{spread} (n={arm.n})"
 
 
-def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> Tuple[List[str], List[Dict]]:
+def block_report(store, block: Block, cfg: dict, inference: Inference) -> Tuple[List[str], List[Dict]]:
     """Markdown lines of one block and the rows it used (for the source footer)."""
     intensity = intensity_override(cfg)
     lines = [f"## {block.title}", ""]
-    any_row = next(iter(block.rows), None)
-    rcfg = any_row["config_json"] if any_row else None
     distilled = [a for label, a in block.arms.items() if label != STUDENT_ONLY]
-
-    inf_s = inf_t = None
-    if rcfg is not None:
-        batch = int(rcfg["budget"]["eval_batch_size"])
-        inf_s = inference.get(rcfg["student"], rcfg["dataset"], batch)
-        tcfg = next((a.rows[0]["config_json"] for a in distilled if a.rows), None)
-        if tcfg is not None:
-            inf_t = inference.get(tcfg["teacher"], tcfg["dataset"], batch)
+    inf_s, inf_t = inference.get(block.key, (None, None))
 
     def inf_cells(m: Optional[Dict[str, Any]], what: str) -> Tuple[str, str]:
         if m is None:
@@ -318,6 +223,7 @@ def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> T
     lines += markdown_table(header, table) + [""]
     lines.append(f"S = {block.student}; training = mean per run over the arm's rerun seeds (+- std); "
                  "inference measured now (see below), weights freshly initialised.")
+    lines += [f"Note: {n}" for n in block.notes]
     lines.append("")
 
     # break-even
@@ -371,30 +277,32 @@ def block_report(store, block: Block, cfg: dict, inference: InferenceCache) -> T
     return lines, used
 
 
-def intensity_lines(cfg: dict, blocks_rows: Sequence[Dict[str, Any]], inference: InferenceCache) -> List[str]:
+def intensity_lines(cfg: dict, blocks_rows: Sequence[Dict[str, Any]], inference: Inference) -> List[str]:
     forced = intensity_override(cfg)
     if forced is not None:
         return [f"Carbon intensity: {forced:g} g CO2/kWh for every CO2 number of this report "
                 f"(energy.carbon_intensity_g_per_kwh; training CO2 recomputed from the stored kWh)."]
     stored = run_energy(blocks_rows)["intensities"]
     inf = sorted({f"{m['carbon_intensity_g_per_kwh']:.2f} g/kWh ({m['carbon_intensity_source']})"
-                  for m in inference.results.values() if m.get("carbon_intensity_g_per_kwh") is not None})
+                  for pair in inference.values() for m in pair
+                  if m is not None and m.get("carbon_intensity_g_per_kwh") is not None})
     return [f"Carbon intensity: as recorded by codecarbon; training runs: "
             f"{', '.join(f'{v:g}' for v in stored) + ' g/kWh' if stored else MISSING}; inference: "
             f"{', '.join(inf) if inf else MISSING}. Set energy.carbon_intensity_g_per_kwh=<g/kWh> to use one fixed "
             f"intensity (country: energy.country_iso_code={cfg['energy']['country_iso_code']})."]
 
 
-def energy_report(store, cfg: dict, filters: Optional[dict] = None, measure=None, **measure_kwargs) -> str:
-    """The Markdown text of reports/energy.md (`measure`: the inference measurement, for tests)."""
-    blocks = load_blocks(store, **(filters or {}))
+def energy_report(store, cfg: dict, blocks: Sequence[Block], inference: Inference,
+                  filters: Filters = Filters()) -> str:
+    """The Markdown text of reports/energy.md for `blocks`, with the inference measurements of
+    each block (`harness.measure.energy.inference_for_blocks`)."""
+    selection = filters.selection()
     lines = ["# Energy and CO2 per arm (paper 003, Table 8)", ""]
     if not blocks:
-        lines += [f"No completed rerun rows in {store.url}" + (f" matching {filters}" if filters else "")
+        lines += [f"No completed rerun rows in {store.url}" + (f" matching {selection}" if selection else "")
                   + ": nothing to report. Run `python -m harness sweep +method=NAME` first.", ""]
         lines += [f"- {s}" for s in source_lines(store.url, [], "energy")]
         return "\n".join(lines) + "\n"
-    inference = InferenceCache(cfg, measure or measure_inference, **measure_kwargs)
     body, used = [], []
     for block in blocks:
         block_lines, rows = block_report(store, block, cfg, inference)
@@ -405,36 +313,14 @@ def energy_report(store, cfg: dict, filters: Optional[dict] = None, measure=None
     return "\n".join(lines) + "\n"
 
 
-def block_filters(overrides: Sequence[str]) -> Tuple[dict, List[str]]:
-    """(load_blocks filters, config overrides): dataset=, student=, teacher=, budget=, +method= select
-    rows by name, like the leaderboard's (`harness.tables.leaderboard.split_filters`); the rest
-    (paths.*, store.url=, energy.*, device=) configures the command."""
-    from harness.tables.leaderboard import split_filters
-
-    filters, rest = split_filters(overrides)
-    filters.pop("test", None)
-    methods = filters.pop("method", None)
-    if methods:
-        filters["methods"] = methods
-    return filters, rest
-
-
-def write_energy_report(cfg: dict, filters: Optional[dict] = None, **kwargs) -> Path:
-    from harness.store import ResultsStore
-
-    text = energy_report(ResultsStore(cfg["store"]["url"]), cfg, filters, **kwargs)
+def write(cfg: dict, store, blocks: Sequence[Block], inference: Inference, filters: Filters = Filters(),
+          quiet: bool = False) -> Path:
+    """Write reports/energy.md (and print it unless `quiet`); returns its path."""
+    text = energy_report(store, cfg, blocks, inference, filters)
     path = Path(cfg["paths"]["reports"]) / "energy.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    if not quiet:
+        print(text.rstrip())
+        print(f"\nwritten: {path}")
     return path
-
-
-def main(overrides: List[str]) -> int:
-    from harness.config import load_config
-
-    filters, rest = block_filters(overrides)
-    cfg = load_config(rest)
-    path = write_energy_report(cfg, filters)
-    print(path.read_text().rstrip())
-    print(f"\nwritten: {path}")
-    return 0
