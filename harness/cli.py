@@ -186,10 +186,13 @@ def cmd_report(overrides: List[str]) -> int:
 
 
 def cmd_show(overrides: List[str]) -> int:
-    from harness.measure.show import write_show
+    from harness.measure.show import predict_grid
+    from harness.report.figures import qualitative_grid
 
-    path, notes = write_show(*report_inputs(overrides))
-    for note in notes:
+    cfg, store, filters = report_inputs(overrides)
+    grid = predict_grid(cfg, store, filters)
+    path = qualitative_grid(store.url, grid, cfg["paths"]["reports"])
+    for note in grid.notes:
         print(f"note: {note}")
     print(f"written: {path}")
     return 0

@@ -19,20 +19,32 @@ distilled run just used it) or `teacher.checkpoint`.
 
 A missing arm or teacher gives a panel saying why instead of predictions, never a crash.
 
-This module runs models (training through `reproduce`, predictions), so it belongs to the measure
-layer; the grid is drawn with the figure helpers of `harness.report.figures`.
+This module runs the models (training through `reproduce`, predictions) and returns a `Grid` of
+plain label-map images and texts; `harness.report.figures.qualitative_grid` draws it.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, source_lines
+from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks
 from harness.report.filters import Filters
 
 N_IMAGES = 4
 IGNORE_COLOUR = (0, 0, 0)
+
+
+@dataclass
+class Grid:
+    """What the qualitative figure shows: images (H x W x 3 uint8 arrays) and texts, no model."""
+    name: str                                     # file name, show_<block>_<method>.png
+    title: str                                    # the figure's title
+    panels: List[List[Tuple[str, Any]]]           # per val image: (column title, image, or why it is missing)
+    legend: List[Tuple[str, Tuple[int, int, int]]]  # (class name, colour), `ignore` last
+    rows: List[Dict[str, Any]] = field(default_factory=list)   # the database rows behind the students
+    notes: List[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------- models
@@ -114,14 +126,14 @@ def choose(blocks: Sequence[Block], filters: Filters) -> Tuple[Optional[Block], 
     return block, best, notes
 
 
-def write_show(cfg: dict, store, filters: Filters = Filters(), images: int = N_IMAGES) -> Tuple[Path, List[str]]:
-    """Draw the grid; returns its path and the notes printed with it."""
+def predict_grid(cfg: dict, store, filters: Filters = Filters(), images: int = N_IMAGES) -> Grid:
+    """Retrain (or load) the students, predict the first `images` val images; returns the grid."""
     import torch
 
     from harness.data import build_dataset
     from harness.engine.evaluate import predict
     from harness.measure.entropy import cached_teacher
-    from harness.report.figures import _pyplot, block_slug, save, slug
+    from harness.report.figures import block_slug, slug
 
     selection = filters.selection()
     block, dist_arm, notes = choose(load_blocks(store, **selection), filters)
@@ -162,49 +174,28 @@ def write_show(cfg: dict, store, filters: Filters = Filters(), images: int = N_I
     teacher_col = (t_title, teacher if teacher is not None else why)
     columns: List[Tuple[str, Any]] = [teacher_col, base_col, dist_col]  # (title, model or why not)
 
-    plt = _pyplot()
     n = min(images, len(ds))
-    fig, axes = plt.subplots(n, 2 + len(columns), figsize=(2.2 * (2 + len(columns)), 2.2 * n + 0.6), squeeze=False)
     mean = torch.as_tensor(rcfg["dataset"]["mean"]).view(3, 1, 1)
     std = torch.as_tensor(rcfg["dataset"]["std"]).view(3, 1, 1)
+    panels: List[List[Tuple[str, Any]]] = []
     for i in range(n):
         image, mask = ds[i]
         shown = (image * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        panels = [("input", shown), ("ground truth", colourise(mask.numpy(), palette, ignore))]
+        line = [("input", shown), ("ground truth", colourise(mask.numpy(), palette, ignore))]
         for title, model in columns:
             if isinstance(model, str) or model is None:
-                panels.append((title, model or MISSING))
+                line.append((title, model or MISSING))
             else:
                 model.eval()
                 pred = predict(model, image.unsqueeze(0).to(next(model.parameters()).device))[0].cpu().numpy()
-                panels.append((title, colourise(pred, palette, ignore)))
-        for j, (ax, (title, content)) in enumerate(zip(axes[i], panels)):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if isinstance(content, str):
-                ax.text(0.5, 0.5, _wrap(content), ha="center", va="center", fontsize=6, color="C3",
-                        transform=ax.transAxes)
-            else:
-                ax.imshow(content, interpolation="nearest")
-            if i == 0:
-                ax.set_title(title, fontsize=7)
-    from matplotlib.patches import Patch
-
+                line.append((title, colourise(pred, palette, ignore)))
+        panels.append(line)
     names = list(getattr(ds, "class_names", [str(c) for c in range(k)]))
-    handles = [Patch(color=[c / 255 for c in palette[c]], label=names[c]) for c in range(k)]
-    handles.append(Patch(color=[c / 255 for c in IGNORE_COLOUR], label="ignore"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=6,
-               bbox_to_anchor=(0.5, 0.005))
+    legend = [(names[c], tuple(palette[c])) for c in range(k)] + [("ignore", IGNORE_COLOUR)]
     head = f"{block.title}" if block else f"{rcfg['dataset']['name']} (no runs)"
-    fig.suptitle(f"Qualitative results, first {n} val images -- {head}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.035, 1, 1))
-    lines = source_lines(store.url, used_rows, "qualitative grid") + [
-        "Students: weights retrained from the stored configuration of each arm's first seed "
-        "(harness.reproduce), cached in <paths.cache>/show/"] + [f"Note: {x}" for x in notes]
     label = dist_arm.label if dist_arm else "none"
-    path = Path(cfg["paths"]["reports"]) / f"show_{block_slug(block) if block else slug(rcfg['dataset']['name'])}_{slug(label)}.png"
-    save(fig, path, lines)
-    return path, notes
+    name = f"show_{block_slug(block) if block else slug(rcfg['dataset']['name'])}_{slug(label)}.png"
+    return Grid(name, f"Qualitative results, first {n} val images -- {head}", panels, legend, used_rows, notes)
 
 
 def _title(name: str, arm: Arm, info: Dict[str, Any]) -> str:
@@ -214,9 +205,3 @@ def _title(name: str, arm: Arm, info: Dict[str, Any]) -> str:
     same = "yes" if info.get("identical") else "no"
     return (f"{name}\nseed {info['seed']}: val mIoU {pct(info['retrained_miou'])}\n"
             f"(stored {pct(info['stored_miou'])}, identical: {same})")
-
-
-def _wrap(text: str, width: int = 28) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(str(text), width)[:10])

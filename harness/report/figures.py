@@ -22,6 +22,9 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
 * ``entropy_<teacher>.png`` -- paper 003 Figure 1: share of pixels per Shannon entropy (nats,
   0 .. ln K) of the teacher's softmax(z / tau) for tau in 1, 2, 4, 8, 16, as measured by
   `harness.measure.entropy` (the first val images, every pixel; the teacher from the cache only).
+* ``show_<block>_<method>.png`` (`python -m harness show`) -- the qualitative grid whose label maps
+  `harness.measure.show.predict_grid` predicted: input, ground truth, teacher, tuned student-only and
+  distilled arm per val image, in the dataset's palette.
 """
 from __future__ import annotations
 
@@ -360,6 +363,43 @@ def entropy_histograms(store_url: str, entropies: Sequence[Any], out_dir: Path) 
         path = save(fig, out_dir / f"entropy_{slug(e.teacher)}_{e.key}.png", lines)
         out.append((path, f"entropy histogram of {e.teacher} at tau {', '.join(map(str, temperatures))}"))
     return out
+
+
+# ---------------------------------------------------------------------------------- show
+def qualitative_grid(store_url: str, grid: Any, out_dir: Path) -> Path:
+    """Draw a `harness.measure.show.Grid` (one line per val image, label maps in the dataset's
+    palette, a legend of the classes) into `out_dir / grid.name`."""
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    n, width = len(grid.panels), len(grid.panels[0]) if grid.panels else 5
+    fig, axes = plt.subplots(n, width, figsize=(2.2 * width, 2.2 * n + 0.6), squeeze=False)
+    for i, line in enumerate(grid.panels):
+        for ax, (title, content) in zip(axes[i], line):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if isinstance(content, str):
+                ax.text(0.5, 0.5, _wrap(content), ha="center", va="center", fontsize=6, color="C3",
+                        transform=ax.transAxes)
+            else:
+                ax.imshow(content, interpolation="nearest")
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+    handles = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in grid.legend]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=6,
+               bbox_to_anchor=(0.5, 0.005))
+    fig.suptitle(grid.title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    lines = source_lines(store_url, grid.rows, "qualitative grid") + [
+        "Students: weights retrained from the stored configuration of each arm's first seed "
+        "(harness.reproduce), cached in <paths.cache>/show/"] + [f"Note: {x}" for x in grid.notes]
+    return save(fig, Path(out_dir) / grid.name, lines)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(text), width)[:10])
 
 
 # ------------------------------------------------------------------------------------ all
