@@ -20,19 +20,23 @@ from harness.errors import EXIT_USAGE, ConfigError, UsageError  # noqa: E402
 
 def cmd_train(overrides: List[str]) -> int:
     cfg = load_config(overrides)
+    from harness.engine.record import store_record
+    from harness.engine.teacher import teacher_for
     from harness.engine.train import run
 
-    result = run(cfg, command=_command_line())
-    print(format_result(result.record, cfg))
-    return 0 if result.record["status"] == "completed" else 1
+    command = _command_line()
+    record = run(cfg, teacher=teacher_for(cfg, command), command=command).record
+    print(format_result(record))  # first: a store that fails cannot take the result with it
+    store_record(cfg, record)
+    print(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
+    return 0 if record["status"] == "completed" else 1
 
 
 def cmd_teacher(overrides: List[str]) -> int:
     cfg = load_config(overrides)
     from harness.engine.teacher import get_teacher
-    from harness.engine.train import resolve_device, seed_everything
+    from harness.engine.train import resolve_device
 
-    seed_everything(cfg["teacher"]["train"]["seed"], cfg["deterministic"], resolve_device(cfg["device"]))
     _, info = get_teacher(cfg, device=resolve_device(cfg["device"]), command=_command_line())
     print(f"teacher {cfg['teacher']['name']} on {cfg['dataset']['name']} (budget {cfg['budget']['name']})")
     print(f"  source      {info['source']}: {info['checkpoint']}")
@@ -282,7 +286,7 @@ def command_help(command: str) -> str:
     return "\n".join(lines)
 
 
-def format_result(record: dict, cfg: dict) -> str:
+def format_result(record) -> str:
     pct = lambda v: "  n/a" if v is None else f"{100 * v:5.2f}"  # noqa: E731
     head = (f"{record['arm']} run {record['run_id'][:8]}  {record['student']}"
             + (f" <- {record['teacher']} [{record['methods']}]" if record["teacher"] else "")
@@ -300,7 +304,6 @@ def format_result(record: dict, cfg: dict) -> str:
                      f"at {record['carbon_intensity_g_per_kwh']:.0f} g/kWh")
     if record["per_class_iou_json"]:
         lines.append(_per_class_table(record["per_class_iou_json"]))
-    lines.append(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
     return "\n".join(lines)
 
 

@@ -111,10 +111,11 @@ def reproduce(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str
               command: str = "") -> Dict[str, Any]:
     """Re-run `row`'s configuration; {stored, new (record), same: {final_miou, per_class_iou, history},
     config, model (the trained student)}."""
+    from harness.engine.teacher import teacher_for
     from harness.engine.train import run
 
     cfg = reproduction_config(row, current, device)
-    result = run(cfg, command=command, arm=row["arm"], save_record=False)
+    result = run(cfg, teacher=teacher_for(cfg, command), command=command)  # not stored: a second rerun of a seed
     new = result.record
     return {"stored": row, "new": new, "same": compare(row, new), "config": cfg, "model": result.model}
 

@@ -13,6 +13,8 @@ import torch
 
 from harness.cli import main
 from harness.config import load_config
+from harness.engine.record import store_record
+from harness.engine.teacher import teacher_for
 from harness.engine.train import run
 from harness.measure import energy as measure_energy
 from harness.report import energy as energy_mod
@@ -280,7 +282,10 @@ def tiny_reruns(tiny, tmp_path):
     rows = {}
     for extra, sweep in (((), "student-only:t"), (("+method=kd",), "distilled:kd:t")):
         cfg = load_config([*overrides, *extra, "seed=1"])
-        rows[sweep] = run(cfg, fields={"stage": "reruns", "sweep_id": sweep, "params_json": {"seed": 1}}).record
+        record = run(cfg, teacher=teacher_for(cfg)).record.replace(stage="reruns", sweep_id=sweep,
+                                                                   params_json={"seed": 1})
+        store_record(cfg, record)
+        rows[sweep] = record
     return overrides, rows
 
 
