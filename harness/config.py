@@ -379,13 +379,17 @@ def _expected_type(schema: type, key: str) -> str:
 
 
 def _validate_methods(section: Dict[str, Any], conf_dir: Path) -> Dict[str, Any]:
+    """Each selected method's section against its Config: keys and types (the schema), then the
+    ranges, choices and cross-field rules its fields declare (`harness.methods.params`)."""
     from harness.methods import METHODS
+    from harness.methods.params import check_section
 
     out = {}
     for name, params in section.items():
         if name not in METHODS:
             raise ConfigError(f"unknown method '{name}'. Valid methods: {', '.join(sorted(METHODS))}")
         out[name] = _against(METHODS[name].Config, params or {}, f"method.{name}")
+        check_section(name, METHODS[name].Config, out[name])
     return out
 
 
@@ -430,12 +434,6 @@ def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
             raise ConfigError(f"{section} '{cfg[section]['name']}': {e}") from None
         if check_data:
             _check_pretrained(cfg[section], section)
-    for name, params in cfg["method"].items():
-        for key, value in params.items():
-            if key == "tau" and value <= 0:
-                raise ConfigError(f"'method.{name}.tau' must be positive, got {value}")
-            if (key == "weight" or key.endswith("_weight")) and value < 0:
-                raise ConfigError(f"'method.{name}.{key}' must be >= 0, got {value}")
 
 
 def _absolutise_paths(cfg: Dict[str, Any]) -> None:

@@ -158,32 +158,32 @@ def outputs(mask, c_s=3, c_t=5, grid=(3, 5), seed=1):
 @pytest.mark.parametrize("chunk", [2 ** 24, 7])
 def test_batch_p2p_matches_the_loop_reference(b, tau, chunk):
     s, t = randn(b, 3, 3, 5, seed=b), randn(b, 6, 3, 5, seed=b + 10)  # C_s != C_t, odd h x w
-    got = float(batch_p2p(s, t, tau, chunk_elements=chunk))
+    got = float(batch_p2p(s, t, tau, 1, chunk_elements=chunk))
     assert got == pytest.approx(ref_batch_p2p(s, t, tau), rel=1e-9)
 
 
 def test_batch_p2p_self_pairs_and_the_one_over_b_squared():
     s, t = randn(1, 4, 3, 3, seed=0), randn(1, 5, 3, 3, seed=1)
-    one = float(batch_p2p(s, t, 0.1))
+    one = float(batch_p2p(s, t, 0.1, 1))
     assert one == pytest.approx(ref_pair(s, t, 0, 0, 0.1), rel=1e-9)  # B = 1: only the self-pair
     # a batch of two copies: four pairs all equal to the self-pair, averaged by 1/B^2
-    assert float(batch_p2p(s.repeat(2, 1, 1, 1), t.repeat(2, 1, 1, 1), 0.1)) == pytest.approx(one, rel=1e-9)
+    assert float(batch_p2p(s.repeat(2, 1, 1, 1), t.repeat(2, 1, 1, 1), 0.1, 1)) == pytest.approx(one, rel=1e-9)
     s2, t2 = randn(2, 4, 3, 3, seed=2), randn(2, 5, 3, 3, seed=3)
     pairs = [ref_pair(s2, t2, i, j, 0.1) for i in range(2) for j in range(2)]
-    assert float(batch_p2p(s2, t2, 0.1)) == pytest.approx(sum(pairs) / 4, rel=1e-9)
+    assert float(batch_p2p(s2, t2, 0.1, 1)) == pytest.approx(sum(pairs) / 4, rel=1e-9)
     assert pairs[1] != pytest.approx(pairs[2])  # (0, 1) and (1, 0) are different terms: ordered pairs
 
 
 def test_batch_p2p_properties():
     s = randn(2, 4, 3, 5, seed=0)
-    assert float(batch_p2p(s, s.clone(), 0.1)) == pytest.approx(0.0, abs=1e-12)
+    assert float(batch_p2p(s, s.clone(), 0.1, 1)) == pytest.approx(0.0, abs=1e-12)
     t = randn(2, 6, 3, 5, seed=1)
-    base = float(batch_p2p(s, t, 0.1))
+    base = float(batch_p2p(s, t, 0.1, 1))
     assert base > 0
     scale = randn(2, 1, 3, 5, seed=2).abs() + 0.1  # per-pixel positive scale: normalised away
-    assert float(batch_p2p(s * scale, t, 0.1)) == pytest.approx(base, rel=1e-9)
+    assert float(batch_p2p(s * scale, t, 0.1, 1)) == pytest.approx(base, rel=1e-9)
     pi = torch.tensor([1, 0])  # image order does not matter (all ordered pairs are averaged)
-    assert float(batch_p2p(s[pi], t[pi], 0.1)) == pytest.approx(base, rel=1e-9)
+    assert float(batch_p2p(s[pi], t[pi], 0.1, 1)) == pytest.approx(base, rel=1e-9)
 
 
 def test_batch_p2p_pooling_is_the_term_on_pooled_features():
@@ -197,7 +197,7 @@ def test_batch_p2p_pooling_is_the_term_on_pooled_features():
 def test_batch_p2p_gradcheck(chunk):
     s = randn(2, 3, 3, 3, seed=0, grad=True)
     t = randn(2, 4, 3, 3, seed=1)
-    assert torch.autograd.gradcheck(lambda x: batch_p2p(x, t, 0.5, chunk_elements=chunk), (s,))
+    assert torch.autograd.gradcheck(lambda x: batch_p2p(x, t, 0.5, 1, chunk_elements=chunk), (s,))
 
 
 def test_chunking_changes_neither_value_nor_gradient():
@@ -205,7 +205,7 @@ def test_chunking_changes_neither_value_nor_gradient():
     grads, values = [], []
     for chunk in (2 ** 24, 45, 1):
         s = randn(3, 3, 3, 5, seed=0, grad=True)
-        loss = batch_p2p(s, t, 0.1, chunk_elements=chunk)
+        loss = batch_p2p(s, t, 0.1, 1, chunk_elements=chunk)
         loss.backward()
         values.append(float(loss.detach()))
         grads.append(s.grad)

@@ -205,7 +205,7 @@ def test_projector_init_replays_from_the_injected_generator_only():
 
 
 def test_unknown_feature_and_bad_tau_are_rejected():
-    with pytest.raises(ValueError, match="feature 'nosuch'"):
+    with pytest.raises(ValueError, match="'method.cwd.feature' must be one of stage1, .*, got 'nosuch'"):
         ChannelWiseKD({"feature_weight": 1.0, "feature": "nosuch"}, ctx())
     with pytest.raises(ValueError, match="positive"):
         ChannelWiseKD({"feature_tau": 0.0}, ctx())

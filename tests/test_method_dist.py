@@ -61,19 +61,19 @@ def test_identical_inputs_give_zero_up_to_the_eps():
     s = randn(2, 5, 3, 5, seed=3, scale=2)
     inter, intra = reference_dist(s, s)  # nonzero only through the 1e-8 in the denominator
     assert 0 <= inter < 1e-5 and 0 <= intra < 1e-5
-    assert float(dist_inter(s, s.clone())) == pytest.approx(inter, abs=1e-12)
-    assert float(dist_intra(s, s.clone())) == pytest.approx(intra, abs=1e-12)
+    assert float(dist_inter(s, s.clone(), 1.0)) == pytest.approx(inter, abs=1e-12)
+    assert float(dist_intra(s, s.clone(), 1.0)) == pytest.approx(intra, abs=1e-12)
     other = randn(2, 5, 3, 5, seed=4, scale=2)
-    assert float(dist_inter(s, other)) > 0.1 and float(dist_intra(s, other)) > 0.1
+    assert float(dist_inter(s, other, 1.0)) > 0.1 and float(dist_intra(s, other, 1.0)) > 0.1
 
 
 def test_invariant_to_per_pixel_logit_shifts():
     s, t = randn(2, 5, 3, 5, seed=5, scale=2), randn(2, 5, 3, 5, seed=6, scale=2)
     shift = randn(2, 1, 3, 5, seed=7, scale=10)
     for fn in (dist_inter, dist_intra):
-        base = float(fn(s, t))
-        assert float(fn(s + shift, t)) == pytest.approx(base, rel=1e-10)
-        assert float(fn(s, t - shift)) == pytest.approx(base, rel=1e-10)
+        base = float(fn(s, t, 1.0))
+        assert float(fn(s + shift, t, 1.0)) == pytest.approx(base, rel=1e-10)
+        assert float(fn(s, t - shift, 1.0)) == pytest.approx(base, rel=1e-10)
 
 
 def test_intra_term_depends_on_the_batch_composition_inter_does_not():
@@ -81,12 +81,12 @@ def test_intra_term_depends_on_the_batch_composition_inter_does_not():
     intra correlates each class over all pixels of the batch (it does not)."""
     s, t = randn(2, 5, 3, 5, seed=8, scale=2), randn(2, 5, 3, 5, seed=9, scale=2)
     halves = [(s[i:i + 1], t[i:i + 1]) for i in range(2)]
-    assert float(dist_inter(s, t)) == pytest.approx(sum(float(dist_inter(a, b)) for a, b in halves) / 2,
+    assert float(dist_inter(s, t, 1.0)) == pytest.approx(sum(float(dist_inter(a, b, 1.0)) for a, b in halves) / 2,
                                                     rel=1e-12)
-    intra_split = sum(float(dist_intra(a, b)) for a, b in halves) / 2
-    assert abs(float(dist_intra(s, t)) - intra_split) > 1e-3
+    intra_split = sum(float(dist_intra(a, b, 1.0)) for a, b in halves) / 2
+    assert abs(float(dist_intra(s, t, 1.0)) - intra_split) > 1e-3
     for a, b in halves:  # B = 1 against the loop reference too
-        assert float(dist_intra(a, b)) == pytest.approx(reference_dist(a, b)[1], rel=1e-6)
+        assert float(dist_intra(a, b, 1.0)) == pytest.approx(reference_dist(a, b)[1], rel=1e-6)
 
 
 def test_gradcheck():
@@ -101,8 +101,8 @@ def test_teacher_of_another_spatial_size_is_resized_bilinearly():
 
     s, t = randn(1, 4, 3, 5, seed=12), randn(1, 4, 6, 10, seed=13)
     t_small = F.interpolate(t, size=(3, 5), mode="bilinear", align_corners=False)
-    assert float(dist_inter(s, t)) == pytest.approx(reference_dist(s, t_small)[0], rel=1e-6)
-    assert float(dist_intra(s, t)) == pytest.approx(reference_dist(s, t_small)[1], rel=1e-6)
+    assert float(dist_inter(s, t, 1.0)) == pytest.approx(reference_dist(s, t_small)[0], rel=1e-6)
+    assert float(dist_intra(s, t, 1.0)) == pytest.approx(reference_dist(s, t_small)[1], rel=1e-6)
 
 
 def ctx(seed=0):

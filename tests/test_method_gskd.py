@@ -119,7 +119,7 @@ def labels_with_counts(counts, total=60):
 
 def test_cbs_draws_n_distinct_pixels_per_class_in_class_blocks():
     labels = labels_with_counts({0: 20, 3: 10, 2: 1})
-    idx, classes = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(0))
+    idx, classes = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(0), "others", 2, 1)
     assert classes == [0, 3]  # the one-pixel class is skipped (min_class_pixels=2), ascending ids
     assert idx.numel() == 16
     for block, c in zip(idx.split(8), classes):
@@ -129,13 +129,13 @@ def test_cbs_draws_n_distinct_pixels_per_class_in_class_blocks():
 def test_cbs_underfull_class_is_padded_with_other_classes_or_repeated():
     labels = labels_with_counts({0: 20, 3: 10, 2: 1})
     own3 = set(torch.nonzero(labels == 3).flatten().tolist())
-    idx, _ = class_balanced_sample(labels, IGNORE, 16, torch.Generator().manual_seed(0), fill="others")
+    idx, _ = class_balanced_sample(labels, IGNORE, 16, torch.Generator().manual_seed(0), fill="others", min_class_pixels=2, min_classes=1)
     block = idx[16:]
     assert own3 <= set(block.tolist()) and block.unique().numel() == 16  # all 10 own + 6 distinct others
     others = labels[block[10:]]
     assert ((others != 3) & (others != IGNORE)).all()
 
-    idx, _ = class_balanced_sample(labels, IGNORE, 16, torch.Generator().manual_seed(0), fill="repeat")
+    idx, _ = class_balanced_sample(labels, IGNORE, 16, torch.Generator().manual_seed(0), fill="repeat", min_class_pixels=2, min_classes=1)
     block = idx[16:]
     assert (labels[block] == 3).all() and set(block.tolist()) == own3
 
@@ -144,21 +144,21 @@ def test_cbs_single_class_and_no_correct_pixel():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     nothing = torch.full((30,), IGNORE, dtype=torch.long)
-    idx, classes = class_balanced_sample(nothing, IGNORE, 8, g)
+    idx, classes = class_balanced_sample(nothing, IGNORE, 8, g, "others", 2, 1)
     assert idx.numel() == 0 and classes == [] and torch.equal(g.get_state(), state)  # draws nothing
 
     single = labels_with_counts({5: 3})
-    idx, classes = class_balanced_sample(single, IGNORE, 8, g, min_classes=2)
+    idx, classes = class_balanced_sample(single, IGNORE, 8, g, fill="others", min_class_pixels=2, min_classes=2)
     assert classes == [] and torch.equal(g.get_state(), state)
-    idx, classes = class_balanced_sample(single, IGNORE, 8, g, fill="others", min_classes=1)
+    idx, classes = class_balanced_sample(single, IGNORE, 8, g, fill="others", min_class_pixels=2, min_classes=1)
     assert classes == [5] and idx.numel() == 8 and (single[idx] == 5).all()  # nothing else to pad with
 
 
 def test_cbs_and_shuffle_replay_from_the_generator():
     labels = labels_with_counts({0: 20, 1: 12, 2: 9})
-    a = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(3))[0]
-    b = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(3))[0]
-    c = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(4))[0]
+    a = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(3), "others", 2, 1)[0]
+    b = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(3), "others", 2, 1)[0]
+    c = class_balanced_sample(labels, IGNORE, 8, torch.Generator().manual_seed(4), "others", 2, 1)[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     s = row_shuffle_index(7, torch.Generator().manual_seed(0))
     assert torch.equal(s, row_shuffle_index(7, torch.Generator().manual_seed(0)))
@@ -186,18 +186,18 @@ def test_descriptor_loss_properties():
     v_s, v_t = gssm(m_s), gssm(m_t)
     sh = row_shuffle_index(b, g)
     # identical maps -> 0; otherwise > 0
-    assert float(descriptor_kl(v_t, v_t.clone(), sh, 4, 1.0)) == pytest.approx(0.0, abs=1e-12)
-    assert float(descriptor_kl(v_s, v_t, sh, 4, 1.0)) > 0
+    assert float(descriptor_kl(v_t, v_t.clone(), sh, 4, 1.0, "sum")) == pytest.approx(0.0, abs=1e-12)
+    assert float(descriptor_kl(v_s, v_t, sh, 4, 1.0, "sum")) > 0
     # S = B: one descriptor holding the whole map, so the shuffle cannot matter
     other = row_shuffle_index(b, g)
-    assert float(descriptor_kl(v_s, v_t, sh, b, 1.0)) == pytest.approx(float(descriptor_kl(v_s, v_t, other, b, 1.0)),
-                                                                        rel=1e-12)
+    assert float(descriptor_kl(v_s, v_t, sh, b, 1.0, "sum")) == pytest.approx(
+        float(descriptor_kl(v_s, v_t, other, b, 1.0, "sum")), rel=1e-12)
     # relabelling the samples (same permutation for S and T, shuffle carried along) changes nothing
     pi = torch.randperm(b, generator=g)
     inv = pi.argsort()
     sh_pi = inv[sh[pi]]  # sh'[i, c] = pi^-1(sh[pi(i), c])
-    assert float(descriptor_kl(gssm(m_s[pi]), gssm(m_t[pi]), sh_pi, 4, 1.0)) == pytest.approx(
-        float(descriptor_kl(v_s, v_t, sh, 4, 1.0)), rel=1e-12)
+    assert float(descriptor_kl(gssm(m_s[pi]), gssm(m_t[pi]), sh_pi, 4, 1.0, "sum")) == pytest.approx(
+        float(descriptor_kl(v_s, v_t, sh, 4, 1.0, "sum")), rel=1e-12)
 
 
 def test_descriptor_loss_gradcheck():
@@ -205,7 +205,7 @@ def test_descriptor_loss_gradcheck():
     m_s = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
     m_t = torch.randn(6, 4, generator=g, dtype=torch.float64)
     sh = row_shuffle_index(6, g)
-    assert torch.autograd.gradcheck(lambda m: descriptor_kl(gssm(m), gssm(m_t), sh, 4, 2.0), (m_s,))
+    assert torch.autograd.gradcheck(lambda m: descriptor_kl(gssm(m), gssm(m_t), sh, 4, 2.0, "sum"), (m_s,))
 
 
 # ---------------------------------------------------------------------------------- the method

@@ -147,9 +147,9 @@ def outputs(n=2, k=4, seed=1, grad=True):
     return student, teacher
 
 
-def targets_of(z_s, z_t, labels, **kw):
+def targets_of(z_s, z_t, labels, mixing=True, evaluation=True):
     y, valid = one_hot_labels(labels, z_s.shape[1], IGNORE, z_s.dtype)
-    return knowledge_targets(z_s, z_t, y, **kw) + (valid,)
+    return knowledge_targets(z_s, z_t, y, mixing, evaluation) + (valid,)
 
 
 # --------------------------------------------------------------------------------- the pieces
@@ -183,7 +183,7 @@ def test_ablations_match_the_reference(mixing, evaluation):
         assert torch.equal(z_hat, z_t)
     if not evaluation:
         assert torch.equal(w, torch.ones_like(w))
-    assert float(hetero_kd(z_s, z_hat, w, valid, 1.5)) == pytest.approx(
+    assert float(hetero_kd(z_s, z_hat, w, valid, 1.5, "spatial")) == pytest.approx(
         reference_hkd(z_s, z_t, labels, 1.5, mixing=mixing, evaluation=evaluation), rel=1e-6)
 
 
@@ -193,7 +193,7 @@ def test_kmm_kem_properties():
     h_s, h_t = sigmoid_bce(z_s, y), sigmoid_bce(z_t, y)
     s_t = h_s / (h_s + h_t)
     assert ((s_t >= 0) & (s_t <= 1)).all()
-    z_hat, w = knowledge_targets(z_s, z_t, y)
+    z_hat, w = knowledge_targets(z_s, z_t, y, True, True)
     assert torch.allclose(z_hat, s_t * z_t + (1 - s_t) * z_s, rtol=1e-12)
     assert torch.allclose(w.sum(1), torch.ones(2, 5, 7, dtype=torch.float64), rtol=1e-12)  # W sums to 1
     # BCE is convex in Z and Zhat a convex combination: the mix is never less reliable than the worse
@@ -206,13 +206,13 @@ def test_kmm_kem_properties():
 def test_identical_projections_need_no_mixing_and_have_zero_delta():
     z, labels = randn(2, 4, 5, 7, seed=10, scale=2), odd_labels()
     y, valid = one_hot_labels(labels, 4, IGNORE, torch.float64)
-    z_hat, w = knowledge_targets(z, z.clone(), y)
+    z_hat, w = knowledge_targets(z, z.clone(), y, True, True)
     assert torch.allclose(z_hat, z, rtol=1e-14, atol=1e-14)            # Z^t = Z^s => Zhat^t = Z^t
     assert torch.allclose(w, torch.softmax(sigmoid_bce(z, y), 1), rtol=1e-12)  # dH = 0
     # the spatial CE then equals the W-weighted entropy of the softened map (the KL part is zero)
     p = torch.softmax((z / 2.0).masked_fill(~valid[:, None], -math.inf).flatten(2), -1).reshape_as(z)
     entropy = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p)) * w).sum() / (2 * 4)
-    assert float(hetero_kd(z, z_hat, w, valid, 2.0)) == pytest.approx(float(entropy), rel=1e-10)
+    assert float(hetero_kd(z, z_hat, w, valid, 2.0, "spatial")) == pytest.approx(float(entropy), rel=1e-10)
 
 
 def test_uniform_weights_without_ignore_reduce_to_cwd_cross_entropy():
@@ -220,7 +220,8 @@ def test_uniform_weights_without_ignore_reduce_to_cwd_cross_entropy():
     z_s, z_t = randn(2, 4, 5, 7, seed=11, scale=2), randn(2, 4, 5, 7, seed=12, scale=2)
     ones, valid = torch.ones_like(z_s), torch.ones(2, 5, 7, dtype=torch.bool)
     tau = 3.0
-    ce = float(hetero_kd(z_s, z_t, ones, valid, tau)) - float(hetero_kd(z_t, z_t, ones, valid, tau))
+    ce = (float(hetero_kd(z_s, z_t, ones, valid, tau, "spatial"))
+          - float(hetero_kd(z_t, z_t, ones, valid, tau, "spatial")))
     assert ce == pytest.approx(float(channel_wise_kd(z_s, z_t, tau)) / tau ** 2, rel=1e-10)
 
 
@@ -239,7 +240,7 @@ def test_ignore_pixels_get_no_gradient_and_an_unlabelled_image_counts_zero():
     labels[1] = IGNORE
     z_s = randn(2, 4, 5, 7, seed=15).requires_grad_(True)
     z_hat, w, valid = targets_of(z_s, randn(2, 4, 5, 7, seed=16), labels)
-    loss = hetero_kd(z_s, z_hat, w, valid, 1.0)
+    loss = hetero_kd(z_s, z_hat, w, valid, 1.0, "spatial")
     loss.backward()
     assert math.isfinite(float(loss)) and (z_s.grad[:, :, ~valid[0]][0] == 0).all() and (z_s.grad[1] == 0).all()
     assert float(loss) == pytest.approx(reference_hkd(z_s.detach(), randn(2, 4, 5, 7, seed=16), labels, 1.0), rel=1e-6)
@@ -350,7 +351,7 @@ def test_projector_init_replays_from_the_injected_generator_only():
     ({"tau": 0.0}, "'method.heteroakd.tau' must be positive"),
     ({"warmup_fraction": 1.0}, r"warmup_fraction' must be in \[0, 1\)"),
     ({"warmup_fraction": -0.1}, "warmup_fraction"),
-    ({"feature": "stage9"}, "'stage9' is not a student feature"),
+    ({"feature": "stage9"}, "'method.heteroakd.feature' must be one of stage1, .*, got 'stage9'"),
     ({"weight": -1.0}, "weight' must be >= 0"),
 ])
 def test_bad_settings_are_refused_with_the_key_named(cfg, match):
@@ -372,7 +373,8 @@ def test_yaml_defaults_validate(registered):
     cfg = load_config(["+method=[kd,heteroakd]"])
     assert cfg["method"]["heteroakd"] == vars(HeteroAKD.Config())
     assert method_paths(cfg, "$temperatures") == {"method.heteroakd.tau": 1.0, "method.kd.tau": cfg["method"]["kd"]["tau"]}
-    assert {"method.heteroakd.weight", "method.heteroakd.projector_bce_weight"} <= set(method_paths(cfg, "$weights"))
+    # the projector BCE trains the projectors (kind aux_weight): not tuned
+    assert {"method.heteroakd.weight", "method.kd.weight"} == set(method_paths(cfg, "$weights"))
     with pytest.raises(ConfigError, match="warmup_fraction"):
         load_config(["+method=heteroakd", "method.heteroakd.warmup_fraction=soon"])
 

@@ -91,8 +91,8 @@ def test_node_granularity(h, w, pool_kernel, nodes):
 def test_zero_for_identical_features_positive_otherwise():
     s = randn(2, 6, 9, 17, seed=3)
     for kernel in (0.5, 2, 1):
-        assert float(pairwise_distillation(s, s.clone(), kernel)) == pytest.approx(0.0, abs=1e-14)
-        assert float(pairwise_distillation(s, randn(2, 6, 9, 17, seed=4), kernel)) > 0
+        assert float(pairwise_distillation(s, s.clone(), kernel, True)) == pytest.approx(0.0, abs=1e-14)
+        assert float(pairwise_distillation(s, randn(2, 6, 9, 17, seed=4), kernel, True)) > 0
 
 
 def test_invariant_to_positive_rescaling():
@@ -167,7 +167,7 @@ def test_teacher_of_another_size_is_resized_bilinearly():
 
 # ------------------------------------------------------------------------ discriminator (5.1)
 def discriminator(k=5, seed=0):
-    return Discriminator(k, torch.Generator().manual_seed(seed)).double()
+    return Discriminator(k, torch.Generator().manual_seed(seed), 64).double()
 
 
 def test_spectral_norm_on_the_four_strided_convs():

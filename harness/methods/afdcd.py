@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
+from harness.methods.params import FEATURES, param
 
 MASK_MODES = ("random", "centre")
 PROJECTORS = ("plain", "enhanced")
@@ -195,34 +196,30 @@ class AfDCD(Method):
 
     @dataclass
     class Config:
-        fd_weight: float = 2e-6        # lambda_fd (Cityscapes script; code default 4e-5)
-        ctr_weight: float = 5e-3       # lambda_ctr (Cityscapes script; code default 1e-3)
-        tau: float = 0.07              # temperature of the contrastive logits
-        mask_ratio: float = 0.75       # zeta, probability that a position is zeroed (random mask)
-        mask_mode: str = "random"      # random (per-position Bernoulli) | centre (middle third block)
-        groups: int = 16               # M, channel groups per token (must divide C_t)
-        pool_size: int = 4             # max-pool kernel = stride before the contrastive term; 1 = none
-        patch_size: int = 4            # spatial patch side (N2 = patch_size^2 positions)
-        projector: str = "plain"       # plain (Conv3x3-ReLU-Conv3x3) | enhanced
-        feature: str = "stage4"        # backbone's last stage (the code's c4) | stage1..3 | head
-        grad_clip_norm: float = 15.0   # clip the method's parameter gradients to this norm; 0 = off
+        fd_weight: float = param(2e-6, kind="weight", low=0,
+                                 doc="λ_fd, masked-generation MSE (Cityscapes script; code default 4e-5); 0 = off")
+        ctr_weight: float = param(5e-3, kind="weight", low=0,
+                                  doc="λ_ctr, contrastive term (Cityscapes script; code default 1e-3); 0 = off")
+        tau: float = param(0.07, kind="temperature", low=0, low_open=True, gate="ctr_weight",
+                           doc="temperature of the contrastive logits")
+        mask_ratio: float = param(0.75, low=0, high=1, doc="ζ, probability that a student position is zeroed")
+        mask_mode: str = param("random", choices=MASK_MODES,
+                               doc="`random` (per-position Bernoulli) or `centre` (middle third zeroed)")
+        groups: int = param(16, low=2, why="negatives come from other groups",
+                            doc="M, channel groups per token. Must divide C_t")
+        pool_size: int = param(4, low=1, doc="max-pool kernel = stride before L_ctr. 1 means no pooling "
+                               "(the code spells it 0)")
+        patch_size: int = param(4, low=1, doc="side of the spatial patch (N2 = 16)")
+        projector: str = param("plain", choices=PROJECTORS, doc="`plain` (Conv3×3–ReLU–Conv3×3) or `enhanced` "
+                               "(two blocks + two adaptors, averaged)")
+        feature: str = param("stage4", choices=FEATURES,
+                             doc="`stage4` (last backbone stage, the code's c4) or `stage1`..`stage3`, `head`")
+        grad_clip_norm: float = param(15.0, low=0, doc="clips the gradient norm of this method's own parameters; "
+                                      "0 = off")
 
     def __init__(self, cfg: dict, ctx):
-        super().__init__({**vars(self.Config()), **dict(cfg)}, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        for key, valid in (("mask_mode", MASK_MODES), ("projector", PROJECTORS)):
-            if c[key] not in valid:
-                raise ValueError(f"'method.afdcd.{key}' must be one of {', '.join(valid)}, got '{c[key]}'")
-        for key in ("fd_weight", "ctr_weight", "grad_clip_norm"):
-            if float(c[key]) < 0:
-                raise ValueError(f"'method.afdcd.{key}' must be >= 0, got {c[key]}")
-        if not float(c["tau"]) > 0:
-            raise ValueError(f"'method.afdcd.tau' must be positive, got {c['tau']}")
-        if not 0 <= float(c["mask_ratio"]) <= 1:
-            raise ValueError(f"'method.afdcd.mask_ratio' must be in [0, 1], got {c['mask_ratio']}")
-        for key in ("pool_size", "patch_size"):
-            if int(c[key]) < 1:
-                raise ValueError(f"'method.afdcd.{key}' must be >= 1, got {c[key]}")
         feature = c["feature"]
         for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
             if feature not in channels:
@@ -230,9 +227,9 @@ class AfDCD(Method):
                                  f"{', '.join(sorted(channels))}")
         c_s, c_t = int(ctx.student_channels[feature]), int(ctx.teacher_channels[feature])
         groups = int(c["groups"])
-        if groups < 2 or c_t % groups:
-            raise ValueError(f"'method.afdcd.groups' must be >= 2 (negatives come from other groups) and "
-                             f"divide the teacher's {c_t} channels of '{feature}', got {groups}")
+        if c_t % groups:
+            raise ValueError(f"'method.afdcd.groups' must divide the teacher's {c_t} channels of '{feature}', "
+                             f"got {groups}")
         self.align: Optional[nn.Module] = conv(c_s, c_t, 1, ctx.generator) if c_s != c_t else None
         self.projector = make_projector(c["projector"], c_t, ctx.generator)
         self._clip_params: List[nn.Parameter] = []

@@ -9,6 +9,7 @@ unless the method declares an optimiser of its own through `own_optimizer` and s
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.methods.params import check_section, defaults_of
 from harness.models import SegOutput
 
 
@@ -48,14 +50,22 @@ class MethodContext:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, `Config` (a dataclass schema) and implement `terms`."""
+    """Base class. Subclasses set `name`, `Config` (a dataclass schema whose fields are declared with
+    `harness.methods.params.param`) and implement `terms`."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, cfg: dict, ctx: MethodContext):
+        """`cfg` is the `method.<name>` section, or part of it (unit use): it is checked against the
+        Config's metadata (`harness.methods.params.check_section`, the check of config load) and
+        completed with the Config's defaults."""
         super().__init__()
+        schema = getattr(type(self), "Config", None)
+        if dataclasses.is_dataclass(schema):
+            check_section(self.name, schema, cfg)
+            cfg = {**defaults_of(schema), **dict(cfg)}
         self.cfg = dict(cfg)
         self.ctx = ctx
 

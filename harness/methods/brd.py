@@ -52,7 +52,8 @@ Our interpretation (the paper is silent or not differentiable as written):
    Boundary target: labels nearest-resized to the grid (PyTorch `nearest`, spec 0); a labelled pixel
    is a boundary pixel when one of its 8 in-image neighbours carries a different, non-ignore label.
    Ignore pixels are excluded from the BCE; an ignore neighbour does not make a boundary. No
-   pos_weight (boundaries are rare; the weight key is tunable).
+   pos_weight (boundaries are rare; `boundary_bce_weight` can be raised, the protocol does not tune it:
+   it is an `aux_weight`, it trains a head and is no distillation strength).
 4. O(.) ("region-aligned operation" of refs [39, 73]) is the identity flatten of X^c; the extra
    "/tau" of Eq. 4 and the second softmax of Eq. 5 collapse into one row softmax at temperature tau
    (spec 11.2.4). d in the sqrt is each network's fused channel count (both `channels`).
@@ -88,7 +89,7 @@ backward (17 s per image on one CPU thread). `relation_pool` (k > 1) average-poo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -97,6 +98,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from harness.methods.base import Method
+from harness.methods.params import FEATURES, param
 
 SCHEDULES = ("range", "constant")
 BOUNDARY_MAPS = ("probability", "logit")
@@ -256,55 +258,49 @@ class BRD(Method):
 
     @dataclass
     class Config:
-        boundary_weight: float = 10.0        # alpha, boundary distillation (paper: 10)
-        relation_weight: float = 50.0        # beta, relation distillation (paper: 50)
-        boundary_bce_weight: float = 1.0     # BCE that trains the boundary head(s) on label boundaries
-        tau: float = 1.0                     # initial temperature, shared by both terms (paper: 1)
-        schedule: str = "range"              # tau schedule: range (x growth if range > threshold) | constant
-        growth: float = 1.05                 # factor of one tau step (paper: 1.05)
-        range_threshold: float = 0.5         # teacher-distribution range that triggers a step (paper: 0.5)
-        temperature_cap: float = 10.0        # tau never exceeds this
-        decay: bool = True                   # r(t) = 1 - (t-1)/t_max on both terms (paper's "WD")
-        stages: List[str] = field(default_factory=lambda: ["stage1", "stage2", "stage3", "stage4"])
-        channels: int = 256                  # d, fused channels (paper: 256)
-        boundary_map: str = "probability"    # softmax input of L_BD: probability (sigmoid) | logit
-        boundary_supervision: str = "teacher"  # which boundary heads get the BCE: teacher | both | none
-        relation_pool: int = 1               # k x k average pooling before L_RD (1 = none)
+        boundary_weight: float = param(10.0, kind="weight", low=0, doc="α, boundary distillation (paper: 10)")
+        relation_weight: float = param(50.0, kind="weight", low=0, doc="β, relation distillation (paper: 50)")
+        boundary_bce_weight: float = param(1.0, kind="aux_weight", low=0,
+                                           doc="BCE of the boundary head(s) against label boundaries "
+                                               "(trains the teacher-side head; not a distillation strength)")
+        tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate=("boundary_weight", "relation_weight"),
+                           doc="initial temperature of both terms (paper: 1)")
+        schedule: str = param("range", choices=SCHEDULES, doc="`range` multiplies τ by `growth` after a step whose "
+                              "softened-teacher range exceeds `range_threshold`; `constant` keeps τ fixed")
+        growth: float = param(1.05, low=1, why="tau only grows", doc="factor of one τ step (paper: 1.05)")
+        range_threshold: float = param(0.5, low=0, low_open=True, doc="range that triggers a step (paper: 0.5)")
+        temperature_cap: float = param(10.0, doc="τ never exceeds this; must be ≥ `tau`")
+        decay: bool = param(True, doc="r(t) on both terms (paper's \"WD\"); false = the \"w/o WD\" ablation")
+        stages: List[str] = param(["stage1", "stage2", "stage3", "stage4"], choices=FEATURES,
+                                  doc="backbone stages fused (distinct, at least one)")
+        channels: int = param(256, low=1, doc="d, fused channels of each network (paper: 256); ≥ the number of stages")
+        boundary_map: str = param("probability", choices=BOUNDARY_MAPS, doc="softmax input of L_BD: `probability` "
+                                  "(sigmoid) or `logit` (CWD-like, not the paper)")
+        boundary_supervision: str = param("teacher", choices=SUPERVISIONS,
+                                          doc="boundary heads trained by the BCE: `teacher`, `both` or `none`")
+        relation_pool: int = param(1, low=1, doc="k×k average pooling of X^c before L_RD (1 = none)")
+
+        @classmethod
+        def cross_check(cls, c: dict, prefix: str) -> Optional[str]:
+            if float(c["temperature_cap"]) < float(c["tau"]):
+                return f"'{prefix}.temperature_cap' ({c['temperature_cap']}) must be >= '{prefix}.tau' ({c['tau']})"
+            stages = list(c["stages"])
+            if not stages or len(set(stages)) != len(stages):
+                return f"'{prefix}.stages' must be a non-empty list of distinct stages, got {stages}"
+            if int(c["channels"]) < len(stages):
+                return f"'{prefix}.channels' ({c['channels']}) must be >= the number of stages"
+            return None
 
     def __init__(self, cfg: dict, ctx):
-        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
-        super().__init__(full, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        for key, valid in (("schedule", SCHEDULES), ("boundary_map", BOUNDARY_MAPS),
-                           ("boundary_supervision", SUPERVISIONS)):
-            if c[key] not in valid:
-                raise ValueError(f"'method.brd.{key}' must be one of {', '.join(valid)}, got '{c[key]}'")
-        for key in ("boundary_weight", "relation_weight", "boundary_bce_weight"):
-            if float(c[key]) < 0:
-                raise ValueError(f"'method.brd.{key}' must be >= 0, got {c[key]}")
         self.tau0 = float(c["tau"])
-        if self.tau0 <= 0:
-            raise ValueError(f"'method.brd.tau' must be positive, got {c['tau']}")
-        if float(c["growth"]) < 1:
-            raise ValueError(f"'method.brd.growth' must be >= 1 (tau only grows), got {c['growth']}")
-        if float(c["range_threshold"]) <= 0:
-            raise ValueError(f"'method.brd.range_threshold' must be positive, got {c['range_threshold']}")
-        if float(c["temperature_cap"]) < self.tau0:
-            raise ValueError(f"'method.brd.temperature_cap' ({c['temperature_cap']}) must be >= "
-                             f"'method.brd.tau' ({c['tau']})")
-        if int(c["channels"]) < 1 or int(c["relation_pool"]) < 1:
-            raise ValueError(f"'method.brd.channels' and 'method.brd.relation_pool' must be >= 1, "
-                             f"got {c['channels']} and {c['relation_pool']}")
         self.stages = list(c["stages"])
-        if not self.stages or len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"'method.brd.stages' must be a non-empty list of distinct stages, got {self.stages}")
         for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
             missing = [s for s in self.stages if s not in channels]
             if missing:
                 raise ValueError(f"'method.brd.stages': {missing} are not {who} features; "
                                  f"valid: {', '.join(sorted(channels))}")
-        if int(c["channels"]) < len(self.stages):
-            raise ValueError(f"'method.brd.channels' ({c['channels']}) must be >= the number of stages")
 
         self.use_boundary = float(c["boundary_weight"]) > 0
         self.use_relation = float(c["relation_weight"]) > 0

@@ -95,6 +95,10 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.methods.base import Method, pixel_rows, resized_like
 from harness.methods.cwd import make_projector
+from harness.methods.params import FEATURES, param
+
+MEMORY_WEIGHTS = ("memory_p2p_weight", "memory_p2r_weight")  # the memory terms are off when both are 0
+CHUNK_ELEMENTS = 2 ** 24  # the default of Config.chunk_elements (memory only, not the value)
 
 
 # ------------------------------------------------------------------------- the pieces (testable)
@@ -108,7 +112,7 @@ def _block_kl(s_rows: torch.Tensor, s_keys: torch.Tensor, t_rows: torch.Tensor, 
 
 def similarity_kl_sum(s_rows: torch.Tensor, s_keys: torch.Tensor, t_rows: torch.Tensor,
                       t_keys: torch.Tensor, tau: float, groups: int = 1,
-                      chunk_elements: int = 2 ** 24) -> torch.Tensor:
+                      chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """sum_rows sum_g KL( softmax_g(t_r t_keys^T / tau) || softmax_g(s_r s_keys^T / tau) ).
 
     Row r of the similarity map (n_keys entries) is cut into `groups` equal consecutive blocks,
@@ -132,8 +136,8 @@ def similarity_kl_sum(s_rows: torch.Tensor, s_keys: torch.Tensor, t_rows: torch.
     return torch.stack(parts).sum()
 
 
-def batch_p2p(s_feat: torch.Tensor, t_feat: torch.Tensor, tau: float, pool: int = 1,
-              chunk_elements: int = 2 ** 24) -> torch.Tensor:
+def batch_p2p(s_feat: torch.Tensor, t_feat: torch.Tensor, tau: float, pool: int,
+              chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Mini-batch pixel-to-pixel term (spec 7.1): 1/B^2 sum_{i,j} 1/A sum_a KL(t || s) of the row
     softmaxes of n(F_i) n(F_j)^T / tau. s_feat: B x C_s x h x w, t_feat: B x C_t x h x w (same h, w)."""
     if s_feat.shape[0] != t_feat.shape[0] or s_feat.shape[-2:] != t_feat.shape[-2:]:
@@ -149,7 +153,7 @@ def batch_p2p(s_feat: torch.Tensor, t_feat: torch.Tensor, tau: float, pool: int 
 
 
 def memory_kl(s_anchor: torch.Tensor, t_anchor: torch.Tensor, contrast: torch.Tensor, contrast_tau: float,
-              kd_tau: float, chunk_elements: int = 2 ** 24) -> torch.Tensor:
+              kd_tau: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Memory term (spec 7.5): tau_kd^2 / n * sum_a KL(softmax(t_a V^T / tau_c / tau_kd) ||
     softmax(s_a V^T / tau_c / tau_kd)); anchors n x C (normalised), V = `contrast` m x C (detached)."""
     n = s_anchor.shape[0]
@@ -180,36 +184,45 @@ class CIRKD(Method):
 
     @dataclass
     class Config:
-        batch_p2p_weight: float = 1.0     # alpha, mini-batch pixel-to-pixel
-        memory_p2p_weight: float = 0.1    # beta, memory pixel-to-pixel (VOC scripts: 0.01)
-        memory_p2r_weight: float = 0.1    # gamma, memory pixel-to-region (VOC scripts: 0.01)
-        batch_p2p_tau: float = 0.1        # similarity temperature of the mini-batch term
-        contrast_tau: float = 0.1         # tau_c, similarity temperature of the memory terms
-        contrast_kd_tau: float = 1.0      # tau_kd, KD temperature of the memory terms (x tau_kd^2)
-        pixel_memory_size: int = 20000    # N_p, pixel queue rows per class
-        region_memory_size: int = 2000    # N_r, region queue rows per class
-        pixel_contrast_size: int = 4096   # per class floor(this / K) + 1 pixel-queue rows sampled
-        region_contrast_size: int = 1024  # per class floor(this / K) + 1 region-queue rows sampled
-        pixel_update_freq: int = 16       # V, pixels enqueued per image and class
-        feature: str = "head"             # head | stage1..stage4
-        reference_compat: bool = False    # true: the reference's wrong pixel-enqueue indices
-        batch_pool: int = 1               # avg-pool kernel before the mini-batch term (1 = off)
-        chunk_elements: int = 16777216    # similarity entries per checkpointed block (memory only)
+        batch_p2p_weight: float = param(1.0, kind="weight", low=0, doc="α, mini-batch pixel-to-pixel term")
+        memory_p2p_weight: float = param(0.1, kind="weight", low=0,
+                                         doc="β, memory pixel-to-pixel term (VOC scripts: 0.01)")
+        memory_p2r_weight: float = param(0.1, kind="weight", low=0, doc="γ, memory pixel-to-region term (VOC "
+                                         "scripts: 0.01). β = γ = 0 builds no head and no queues")
+        batch_p2p_tau: float = param(0.1, kind="temperature", low=0, low_open=True, gate="batch_p2p_weight",
+                                     doc="similarity temperature of the mini-batch term (reference "
+                                         "`--contrast-temperature`)")
+        contrast_tau: float = param(0.1, kind="temperature", low=0, low_open=True, gate=MEMORY_WEIGHTS,
+                                    doc="τ_c, similarity temperature of the memory terms (`--contrast-temperature`)")
+        contrast_kd_tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate=MEMORY_WEIGHTS,
+                                       doc="τ_kd, KD temperature of the memory terms, applied with its square "
+                                           "(`--contrast-kd-temperature`)")
+        pixel_memory_size: int = param(20000, low=1, doc="N_p, pixel-queue rows per class")
+        region_memory_size: int = param(2000, low=1, doc="N_r, region-queue rows per class")
+        pixel_contrast_size: int = param(4096, low=1, doc="⌊this/K⌋+1 pixel-queue rows sampled per class, the same "
+                                         "rows for every class; ⌊this/K⌋+1 ≤ `pixel_memory_size`")
+        region_contrast_size: int = param(1024, low=1, doc="⌊this/K⌋+1 region-queue rows sampled per class; "
+                                          "⌊this/K⌋+1 ≤ `region_memory_size`")
+        pixel_update_freq: int = param(16, low=1, doc="V, teacher pixels enqueued per image and class; "
+                                       "≤ `pixel_memory_size`")
+        feature: str = param("head", choices=FEATURES, doc="distilled feature: `head` (before the classifier) "
+                             "or `stage1`..`stage4`")
+        reference_compat: bool = param(False, doc="true reproduces the reference's pixel-enqueue indexing bug")
+        batch_pool: int = param(1, low=1, doc="average-pool kernel before the mini-batch term (1 = off, as in the "
+                                "CVPR'22 code)")
+        chunk_elements: int = param(CHUNK_ELEMENTS, low=1, doc="similarity entries per checkpointed block (affects "
+                                    "memory, not the value)")
+
+        @classmethod
+        def cross_check(cls, c: dict, prefix: str) -> Optional[str]:
+            if int(c["pixel_update_freq"]) > int(c["pixel_memory_size"]):
+                return (f"'{prefix}.pixel_update_freq' = {c['pixel_update_freq']} exceeds "
+                        f"pixel_memory_size = {c['pixel_memory_size']}")
+            return None
 
     def __init__(self, cfg: dict, ctx):
-        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
-        super().__init__(full, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        for key in ("batch_p2p_weight", "memory_p2p_weight", "memory_p2r_weight"):
-            if float(c[key]) < 0:
-                raise ValueError(f"'method.cirkd.{key}' must be >= 0, got {c[key]}")
-        for key in ("batch_p2p_tau", "contrast_tau", "contrast_kd_tau"):
-            if float(c[key]) <= 0:
-                raise ValueError(f"'method.cirkd.{key}' must be positive, got {c[key]}")
-        for key in ("pixel_memory_size", "region_memory_size", "pixel_contrast_size", "region_contrast_size",
-                    "pixel_update_freq", "batch_pool", "chunk_elements"):
-            if int(c[key]) < 1:
-                raise ValueError(f"'method.cirkd.{key}' must be >= 1, got {c[key]}")
         k = int(ctx.num_classes)
         self.num_classes = k
         self.pixel_per_class = int(c["pixel_contrast_size"]) // k + 1
@@ -222,9 +235,6 @@ class CIRKD(Method):
             raise ValueError(f"'method.cirkd.region_contrast_size' = {c['region_contrast_size']} samples "
                              f"{self.region_per_class} rows per class (floor(size / {k}) + 1), more than "
                              f"region_memory_size = {c['region_memory_size']}")
-        if int(c["pixel_update_freq"]) > int(c["pixel_memory_size"]):
-            raise ValueError(f"'method.cirkd.pixel_update_freq' = {c['pixel_update_freq']} exceeds "
-                             f"pixel_memory_size = {c['pixel_memory_size']}")
         feature = c["feature"]
         for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
             if feature not in channels:

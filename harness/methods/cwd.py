@@ -39,8 +39,8 @@ Choices where the spec leaves room (ours):
 * Where teacher and student maps differ in spatial size (heterogeneous pairs), the teacher's map is
   resized bilinearly (align_corners=False) to the student's size before the spatial softmax; the
   reference requires equal sizes.
-* `feature_tau` is a separate key (the CIRKD recipe uses tau = 4 for both terms); positivity of
-  `feature_tau` is checked here, as the config validator checks only `tau`.
+* `feature_tau` is a separate key (the CIRKD recipe uses tau = 4 for both terms); like every range,
+  its positivity is declared in `Config` and checked at config load.
 * The official TorchDistiller variant (spec 3.2: Conv1x1 + InPlaceABN + ReLU projector to 512
   channels, in a param group the poly schedule does not decay) is not exposed: the spec states the
   loss math is the same, and it does not flag the projector difference as one that matters.
@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
+from harness.methods.params import FEATURES, param
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -93,25 +94,27 @@ class ChannelWiseKD(Method):
 
     @dataclass
     class Config:
-        weight: float = 3.0            # lambda of the logit term (CIRKD / official recipe)
-        tau: float = 4.0               # temperature of the logit term
-        feature_weight: float = 0.0    # lambda of the feature term; 0 = off (no projector built)
-        feature_tau: float = 4.0       # temperature of the feature term
-        feature: str = "head"          # which feature map: head, stage1..stage4
-        reference_divisor: bool = False  # feature term / (N*C_s) as CIRKD, instead of / (N*C_t)
+        weight: float = param(3.0, kind="weight", low=0,
+                              doc="λ of the logit term (official CWD recipe and CIRKD baseline)")
+        tau: float = param(4.0, kind="temperature", low=0, low_open=True, gate="weight",
+                           doc="temperature of the logit term")
+        feature_weight: float = param(0.0, kind="weight", low=0,
+                                      doc="λ of the feature term. 0 turns the term off and builds no projector "
+                                          "(CIRKD baseline: 50)")
+        feature_tau: float = param(4.0, kind="temperature", low=0, low_open=True, gate="feature_weight",
+                                   doc="temperature of the feature term")
+        feature: str = param("head", choices=FEATURES,
+                             doc="map for the feature term: `head` (before the classifier) or `stage1`..`stage4`")
+        reference_divisor: bool = param(False, doc="true divides the projected feature term by N·C_s, as "
+                                                   "CIRKD's code does (default: N·C_t)")
 
     def __init__(self, cfg: dict, ctx):
         super().__init__(cfg, ctx)
-        defaults = self.Config()
-        get = lambda key: self.cfg.get(key, getattr(defaults, key))  # noqa: E731
-        self.weight = float(get("weight"))
-        self.tau = float(get("tau"))
-        self.feature_weight = float(get("feature_weight"))
-        self.feature_tau = float(get("feature_tau"))
-        self.feature = str(get("feature"))
-        self.reference_divisor = bool(get("reference_divisor"))
-        if self.tau <= 0 or self.feature_tau <= 0:
-            raise ValueError(f"cwd: tau and feature_tau must be positive, got {self.tau}, {self.feature_tau}")
+        c = self.cfg
+        self.weight, self.tau = float(c["weight"]), float(c["tau"])
+        self.feature_weight, self.feature_tau = float(c["feature_weight"]), float(c["feature_tau"])
+        self.feature = str(c["feature"])
+        self.reference_divisor = bool(c["reference_divisor"])
         self.projector: Optional[nn.Module] = None
         self.student_feature_channels = None
         if self.feature_weight > 0:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.methods.base import Method, pixel_rows, resized_like
+from harness.methods.params import param
 
 EPS = 1e-8
 
@@ -61,13 +62,13 @@ def _class_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau
     return y_s, y_t
 
 
-def dist_inter(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def dist_inter(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """tau^2 * (1 - mean over pixels of Pearson(Y^s_p, Y^t_p) over classes); logits B x K x h x w."""
     y_s, y_t = _class_probs(student_logits, teacher_logits, tau)
     return tau ** 2 * (1 - pearson_rows(y_s, y_t).mean())
 
 
-def dist_intra(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def dist_intra(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """tau^2 * (1 - mean over classes of Pearson(Y^s_:k, Y^t_:k) over all B*h*w pixels)."""
     y_s, y_t = _class_probs(student_logits, teacher_logits, tau)
     return tau ** 2 * (1 - pearson_rows(y_s.t(), y_t.t()).mean())
@@ -78,19 +79,20 @@ class DIST(Method):
 
     @dataclass
     class Config:
-        inter_weight: float = 1.0   # beta: inter-class (per-pixel) relation
-        intra_weight: float = 1.0   # gamma: intra-class (per-class, over the batch) relation
-        aux_weight: float = 0.4     # multiplies the aux-head DIST (beta, gamma included)
-        tau: float = 1.0            # temperature; 1 = segmentation reference (no tau, no tau^2)
+        inter_weight: float = param(1.0, kind="weight", low=0, doc="β, inter-class (per-pixel) relation")
+        intra_weight: float = param(1.0, kind="weight", low=0,
+                                    doc="γ, intra-class (per-class, over the batch) relation")
+        aux_weight: float = param(0.4, kind="aux_weight", low=0,
+                                  doc="multiplies the whole aux-head DIST, β and γ included. The aux terms' "
+                                      "weights are `aux_weight·inter_weight` and `aux_weight·intra_weight`")
+        tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate=("inter_weight", "intra_weight"),
+                           doc="1 reproduces the segmentation reference (no temperature, no τ²)")
 
     def __init__(self, cfg: dict, ctx):
         super().__init__(cfg, ctx)
-        defaults = self.Config()
-        get = lambda key: float(self.cfg.get(key, getattr(defaults, key)))  # noqa: E731
+        get = lambda key: float(self.cfg[key])  # noqa: E731
         self.inter_weight, self.intra_weight = get("inter_weight"), get("intra_weight")
         self.aux_weight, self.tau = get("aux_weight"), get("tau")
-        if self.tau <= 0:
-            raise ValueError(f"dist: tau must be positive, got {self.tau}")
 
     def weights(self):
         return {"inter": self.inter_weight, "intra": self.intra_weight,

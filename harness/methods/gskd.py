@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
+from harness.methods.params import FEATURES, param
 
 # mode -> (N samples per class, S columns per descriptor; S < 0 means |S| x classes in the image)
 PRESETS: Dict[str, Tuple[int, int]] = {"standalone": (16, 8), "plugin": (8, -1)}
@@ -95,8 +96,8 @@ def teacher_correct_labels(teacher_logits: torch.Tensor, mask: torch.Tensor, ign
 
 
 def class_balanced_sample(labels: torch.Tensor, ignore_index: int, n_per_class: int,
-                          generator: torch.Generator, fill: str = "others", min_class_pixels: int = 2,
-                          min_classes: int = 1) -> Tuple[torch.Tensor, List[int]]:
+                          generator: torch.Generator, fill: str, min_class_pixels: int,
+                          min_classes: int) -> Tuple[torch.Tensor, List[int]]:
     """CBS on one image's flattened teacher-correct label map (CPU, length h*w).
 
     Returns (indices into the flattened map, N per class, class blocks in ascending class id; the
@@ -135,7 +136,7 @@ def row_shuffle_index(b: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def descriptor_kl(v_s: torch.Tensor, v_t: torch.Tensor, shuffle: torch.Tensor, group_size: int,
-                  tau: float, reduction: str = "sum") -> torch.Tensor:
+                  tau: float, reduction: str) -> torch.Tensor:
     """Mean over sub-image descriptors of tau^2 KL(softmax(d_t/tau) || softmax(d_s/tau)).
 
     v_s, v_t: B x B similarity maps; shuffle: B x B per-row column permutation; group_size S >= 1
@@ -181,46 +182,43 @@ class GSKD(Method):
 
     @dataclass
     class Config:
-        weight: float = 10.0                 # lambda (paper: 10 standalone; plug-in 2/5/10 by host)
-        tau: float = 1.0                     # softmax temperature (paper: fixed 1; code: 4)
-        mode: str = "standalone"             # N/S preset: standalone (16, 8) | plugin (8, C_img)
-        n_per_class: Optional[int] = None    # N; null = the mode's
-        group_size: Optional[int] = None     # S; -k = k x classes in the image; null = the mode's
-        feature: str = "head"                # head | logits | stage1..stage4
-        projector: str = "auto"              # auto (if C_s != C_t) | always (code) | none (paper)
-        fill: str = "others"                 # a class with n < N: others (code) | repeat
-        min_class_pixels: int = 2            # teacher-correct pixels a class needs to be sampled
-        min_classes: int = 2                 # sampled classes an image needs to take part
-        reduction: str = "sum"               # per-descriptor KL: sum (Eq. 7) | entries (code: /(B*S))
+        weight: float = param(10.0, kind="weight", low=0,
+                              doc="λ (standalone 10; plug-in 2 / 5 / 10 by host, see §3)")
+        tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate="weight",
+                           doc="descriptor temperature (paper: fixed 1; released code: 4)")
+        mode: str = param("standalone", choices=tuple(PRESETS),
+                          doc="N/S preset: `standalone` (N = 16, S = 8) or `plugin` (N = 8, S = classes in the image)")
+        n_per_class: Optional[int] = param(None, low=1, doc="N. null takes the mode's value")
+        group_size: Optional[int] = param(None, doc="S; −k means k × (classes in the image), never 0. "
+                                                    "null takes the mode's value")
+        feature: str = param("head", choices=FEATURES + ("logits",), doc="distilled map: `head` (feature before "
+                             "the classifier), `logits` or `stage1`..`stage4`")
+        projector: str = param("auto", choices=PROJECTORS, doc="student Conv1×1–BN–ReLU–Conv1×1 to C_t: `auto` "
+                               "(if C_s ≠ C_t), `always` (code) or `none` (paper)")
+        fill: str = param("others", choices=FILLS, doc="a class with n < N: `others` pads with other classes' "
+                          "correct pixels (code); `repeat` redraws its own with replacement")
+        min_class_pixels: int = param(2, low=1, doc="teacher-correct pixels a class needs to be sampled "
+                                                    "(the code skips 1-pixel classes)")
+        min_classes: int = param(2, low=1, doc="sampled classes an image needs to take part")
+        reduction: str = param("sum", choices=REDUCTIONS,
+                               doc="per-descriptor KL: `sum` (Eq. 7) or `entries` (released code: KL/(B'·S))")
+
+        @classmethod
+        def cross_check(cls, c: dict, prefix: str) -> Optional[str]:
+            if c["group_size"] is not None and int(c["group_size"]) == 0:
+                return (f"'{prefix}.group_size' must be a positive number of columns or "
+                        "negative (-k = k x classes in the image), got 0")
+            return None
 
     def __init__(self, cfg: dict, ctx):
-        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
-        super().__init__(full, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        self._check_choice("mode", PRESETS)
-        self._check_choice("projector", PROJECTORS)
-        self._check_choice("fill", FILLS)
-        self._check_choice("reduction", REDUCTIONS)
         preset_n, preset_s = PRESETS[c["mode"]]
         self.n_per_class = int(preset_n if c["n_per_class"] is None else c["n_per_class"])
         self.group_size = int(preset_s if c["group_size"] is None else c["group_size"])
-        if self.n_per_class < 1:
-            raise ValueError(f"'method.gskd.n_per_class' must be >= 1, got {self.n_per_class}")
-        if self.group_size == 0:
-            raise ValueError("'method.gskd.group_size' must be a positive number of columns or "
-                             "negative (-k = k x classes in the image), got 0")
-        for key in ("min_class_pixels", "min_classes"):
-            if int(c[key]) < 1:
-                raise ValueError(f"'method.gskd.{key}' must be >= 1, got {c[key]}")
-        if float(c["tau"]) <= 0:
-            raise ValueError(f"'method.gskd.tau' must be positive, got {c['tau']}")
         c_s, c_t = self._channels(ctx.student_channels, "student"), self._channels(ctx.teacher_channels, "teacher")
         wants = c["projector"] == "always" or (c["projector"] == "auto" and c_s != c_t)
         self.projector = projection_head(c_s, c_t) if wants else None
-
-    def _check_choice(self, key: str, valid) -> None:
-        if self.cfg[key] not in valid:
-            raise ValueError(f"'method.gskd.{key}' must be one of {', '.join(valid)}, got '{self.cfg[key]}'")
 
     def _channels(self, channels: Dict[str, int], who: str) -> int:
         feature = self.cfg["feature"]

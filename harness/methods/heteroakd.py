@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method
+from harness.methods.params import FEATURES, param
 
 AXES = ("spatial", "class")
 SIZES = ("label", "logits")
@@ -105,8 +106,8 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, dt
 
 
 @torch.no_grad()
-def knowledge_targets(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, mixing: bool = True,
-                      evaluation: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def knowledge_targets(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, mixing: bool,
+                      evaluation: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Zhat^t, W) of KMM (Eqs. 6-7) and KEM (Eqs. 8-9), without gradient. All N x K x h x w."""
     z_s, z_t = z_s.detach(), z_t.detach()
     h_s = sigmoid_bce(z_s, y)
@@ -126,7 +127,7 @@ def knowledge_targets(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, mix
 
 
 def hetero_kd(z_s: torch.Tensor, z_hat: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
-              tau: float, axis: str = "spatial") -> torch.Tensor:
+              tau: float, axis: str) -> torch.Tensor:
     """L_hkd (Eq. 10), CE form, ignore pixels (valid False) excluded; z_hat and weight are targets.
 
     spatial: 1/(N K) sum_{n,c} -sum_{i valid} softmax_i(zhat/tau) log softmax_i(z_s/tau) W.
@@ -176,33 +177,32 @@ class HeteroAKD(Method):
 
     @dataclass
     class Config:
-        weight: float = 1.0                # lambda_2 of L_hkd (paper: Fig. 6 only)
-        tau: float = 1.0                   # temperature of L_hkd (paper: Fig. 6 only)
-        projector_bce_weight: float = 1.0  # BCE (Eq. 5) that trains the projectors on the labels
-        warmup_fraction: float = 0.1       # L_hkd is 0 before this fraction of the run (student warm-up)
-        feature: str = "stage4"            # distilled feature of both networks (paper: last backbone stage)
-        softmax_axis: str = "spatial"      # Eq. 10 softmax over: spatial (per class) | class (per pixel)
-        size: str = "label"                # compare at: label (image H x W, paper) | logits (student's grid)
-        projector: str = "conv_bn_relu"    # conv_bn_relu (paper) | conv_bn (no ReLU on the logits)
-        supervise: str = "both"            # projectors trained by the BCE: both | teacher | none
-        mixing: bool = True                # KMM (false: Zhat^t = Z^t, paper's "w/o KMM")
-        evaluation: bool = True            # KEM (false: W = 1, paper's "w/o KEM")
+        weight: float = param(1.0, kind="weight", low=0, doc="λ₂ of L_hkd (the paper's values appear only in its "
+                              "Fig. 6, which is not legible)")
+        tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate="weight",
+                           doc="temperature of L_hkd (no τ² factor, as in Eq. 10)")
+        projector_bce_weight: float = param(1.0, kind="aux_weight", low=0,
+                                            doc="Eq. 5 BCE against the labels that trains both projectors (the "
+                                                "student's on detached features); not a distillation strength")
+        warmup_fraction: float = param(0.1, low=0, high=1, high_open=True, doc="L_hkd is 0 before this fraction of "
+                                       "the run (paper: labels-only warm-up, length not given)")
+        feature: str = param("stage4", choices=FEATURES,
+                             doc="feature projected in both networks (paper: last backbone stage)")
+        softmax_axis: str = param("spatial", choices=AXES,
+                                  doc="Eq. 10 softmax over `spatial` (per class, CWD-like) or `class` (per pixel)")
+        size: str = param("label", choices=SIZES, doc="compare at `label` (image H×W, paper) or `logits` "
+                          "(student's logit grid, cheaper)")
+        projector: str = param("conv_bn_relu", choices=PROJECTORS,
+                               doc="`conv_bn_relu` (paper) or `conv_bn` (no ReLU)")
+        supervise: str = param("both", choices=SUPERVISIONS,
+                               doc="projectors trained by the BCE: `both`, `teacher` or `none`")
+        mixing: bool = param(True, doc="KMM; false uses Ẑ^t = Z^t (paper's \"w/o KMM\")")
+        evaluation: bool = param(True, doc="KEM; false uses W = 1 (paper's \"w/o KEM\"; the loss is then about "
+                                 "K× larger, so retune `weight`)")
 
     def __init__(self, cfg: dict, ctx):
-        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
-        super().__init__(full, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        for key, valid in (("softmax_axis", AXES), ("size", SIZES), ("projector", PROJECTORS),
-                           ("supervise", SUPERVISIONS)):
-            if c[key] not in valid:
-                raise ValueError(f"'method.heteroakd.{key}' must be one of {', '.join(valid)}, got '{c[key]}'")
-        for key in ("weight", "projector_bce_weight"):
-            if float(c[key]) < 0:
-                raise ValueError(f"'method.heteroakd.{key}' must be >= 0, got {c[key]}")
-        if float(c["tau"]) <= 0:
-            raise ValueError(f"'method.heteroakd.tau' must be positive, got {c['tau']}")
-        if not 0 <= float(c["warmup_fraction"]) < 1:
-            raise ValueError(f"'method.heteroakd.warmup_fraction' must be in [0, 1), got {c['warmup_fraction']}")
         feature = c["feature"]
         for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
             if feature not in channels:

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.methods.base import Method, resized_like
+from harness.methods.params import FEATURES, param
 
 PROTOTYPE_EPS = 1e-6  # added to a class's pixel count (reference)
 COSINE_EPS = 1e-8     # nn.CosineSimilarity's default, clamping each norm
@@ -112,18 +113,18 @@ class IFVD(Method):
 
     @dataclass
     class Config:
-        weight: float = 20.0     # lambda_ifv (CIRKD 20; official code 200)
-        feature: str = "head"    # head (before the classifier) | stage1..stage4
+        weight: float = param(20.0, kind="weight", low=0, doc="λ_ifv (CIRKD script 20; official IFVD code 200; "
+                              "paper 003 tuned 1e-2 / 1e-3)")
+        feature: str = param("head", choices=FEATURES,
+                             doc="`head` (for PSPNet, the PSP-module output) or `stage1`..`stage4`")
 
     def __init__(self, cfg: dict, ctx):
-        super().__init__({**vars(self.Config()), **dict(cfg)}, ctx)
+        super().__init__(cfg, ctx)
         feature = self.cfg["feature"]
         for who, channels in (("student", ctx.student_channels), ("teacher", ctx.teacher_channels)):
             if feature not in channels:
                 raise ValueError(f"'method.ifvd.feature' = '{feature}' is not a {who} feature; valid: "
                                  f"{', '.join(sorted(channels))}")
-        if float(self.cfg["weight"]) < 0:
-            raise ValueError(f"'method.ifvd.weight' must be >= 0, got {self.cfg['weight']}")
         if ctx.num_classes < 1:
             raise ValueError(f"ifvd needs at least one class, got num_classes={ctx.num_classes}")
 

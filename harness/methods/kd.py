@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.methods.base import Method, pixel_rows, resized_like
+from harness.methods.params import param
 
 
 def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -41,8 +42,8 @@ class PixelKD(Method):
 
     @dataclass
     class Config:
-        weight: float = 1.0  # lambda_kd
-        tau: float = 1.0     # temperature
+        weight: float = param(1.0, kind="weight", low=0, doc="λ_kd")
+        tau: float = param(1.0, kind="temperature", low=0, low_open=True, gate="weight", doc="temperature")
 
     def terms(self, student, teacher, batch, progress):
         return {"kd": pixel_kd(student.logits, teacher.logits.detach(), float(self.cfg["tau"]))}

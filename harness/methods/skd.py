@@ -92,6 +92,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from harness.methods.base import Method, resized_like
+from harness.methods.params import FEATURES, param
 
 ADVERSARIAL = ("hinge", "wgan-gp")
 D_OPTIMIZERS = ("adam", "sgd")
@@ -134,8 +135,8 @@ def _squared_affinity_difference(s: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return (a_s - a_t).pow(2).sum()
 
 
-def pairwise_distillation(student: torch.Tensor, teacher: torch.Tensor, pool_kernel: float = 0.5,
-                          detach_norm: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def pairwise_distillation(student: torch.Tensor, teacher: torch.Tensor, pool_kernel: float,
+                          detach_norm: bool, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """L_PA = 1/(B N^2) sum_{b,i,j} (a^s_bij - a^t_bij)^2 on pooled nodes (spec 4; see module doc).
 
     `student` B x C_s x h x w, `teacher` B x C_t x h x w (resized to the student's h x w if needed;
@@ -233,7 +234,7 @@ class Discriminator(nn.Module):
 
     MIN_SIZE = 64  # smallest side the architecture accepts (4 halvings, then a 4x4 valid conv)
 
-    def __init__(self, num_classes: int, generator: torch.Generator, conv_dim: int = 64):
+    def __init__(self, num_classes: int, generator: torch.Generator, conv_dim: int):
         super().__init__()
         self.preprocess = nn.BatchNorm2d(num_classes)
         dims = [num_classes, conv_dim, conv_dim * 2, conv_dim * 4, conv_dim * 8]
@@ -285,46 +286,47 @@ class SKD(Method):
 
     @dataclass
     class Config:
-        weight: float = 1.0              # lambda_PA, pair-wise term (official default 1.0); 0 = off
-        feature: str = "head"            # feature for the pair-wise term: head | stage1..stage4
-        pool_kernel: float = 0.5         # (0,1): fraction of the map (official, 0.5); int >= 1: k x k (CIRKD 2)
-        detach_norm: bool = True         # no gradient through the node norms (official); false = CIRKD
-        ho_weight: float = 0.001         # lambda of the student's adversarial term; 0 = off, no D
-        adversarial: str = "hinge"       # hinge (CIRKD) | wgan-gp (official SKD, IFVD)
-        d_loss_scale: float = 0.1        # lambda_d, multiplies D's objective (not a student weight)
-        gp_lambda: float = 10.0          # gradient-penalty factor (wgan-gp only)
-        d_optimizer: str = "adam"        # adam (CIRKD, IFVD) | sgd (official SKD)
-        d_lr: float = 4.0e-4             # D's learning rate
-        d_momentum: float = 0.9          # Adam beta1 / SGD momentum
-        d_beta2: float = 0.99            # Adam beta2
-        d_weight_decay: float = 0.0      # D's weight decay (official SKD: 5e-4)
-        d_schedule: str = "constant"     # constant (CIRKD) | poly (official SKD, IFVD)
-        d_poly_power: float = 0.9        # power of the poly schedule
-        d_channels: int = 64             # width of D's first conv (reference 64; then x2, x4, x8)
+        weight: float = param(1.0, kind="weight", low=0, doc="λ_PA. 0 turns the pair-wise term off (official "
+                              "default 1.0, its run script 0.5; CIRKD 10)")
+        feature: str = param("head", choices=FEATURES, doc="feature of the pair-wise term: `head` or "
+                             "`stage1`..`stage4`")
+        pool_kernel: float = param(0.5, doc="a value in (0, 1) is a fraction of the map (official `--pool-scale`); "
+                                   "an integer k ≥ 1 is a k×k kernel (CIRKD: 2; 1 means no pooling)")
+        detach_norm: bool = param(True, doc="divide by (‖f‖ + 1e-8) with the norm detached (official); false uses "
+                                  "`F.normalize` (CIRKD)")
+        ho_weight: float = param(0.001, kind="weight", low=0, doc="λ of the student's adversarial term. 0 turns it "
+                                 "off and builds no D (CIRKD 0.001, official 0.1)")
+        adversarial: str = param("hinge", choices=ADVERSARIAL,
+                                 doc="D objective: `hinge` (CIRKD) or `wgan-gp` (official SKD, IFVD)")
+        d_loss_scale: float = param(0.1, kind="aux_weight", low=0, doc="λ_d, multiplies D's objective including "
+                                    "the GP (not a student weight)")
+        gp_lambda: float = param(10.0, kind="aux_weight", low=0,
+                                 doc="gradient-penalty factor in D's objective, `wgan-gp` only")
+        d_optimizer: str = param("adam", choices=D_OPTIMIZERS, doc="`adam` (CIRKD, IFVD) or `sgd` (official SKD)")
+        d_lr: float = param(4.0e-4, low=0, low_open=True, doc="D's learning rate")
+        d_momentum: float = param(0.9, low=0, doc="Adam β1 (< 1), or SGD momentum")
+        d_beta2: float = param(0.99, doc="Adam β2, in [0, 1)")
+        d_weight_decay: float = param(0.0, low=0, doc="D's weight decay (official SKD: 5e-4)")
+        d_schedule: str = param("constant", choices=D_SCHEDULES, doc="`constant` (CIRKD) or `poly` (official SKD, "
+                                "IFVD): `d_lr·(1 − k/total)^d_poly_power`")
+        d_poly_power: float = param(0.9, low=0, low_open=True, doc="power of the poly schedule")
+        d_channels: int = param(64, low=2, why="self-attention uses C/8",
+                                doc="width of D's first conv, then ×2, ×4, ×8")
+
+        @classmethod
+        def cross_check(cls, c: dict, prefix: str) -> Optional[str]:
+            if c["d_optimizer"] == "adam" and not (float(c["d_momentum"]) < 1 and 0 <= float(c["d_beta2"]) < 1):
+                return (f"'{prefix}.d_momentum' and '{prefix}.d_beta2' are Adam's betas and must lie "
+                        f"in [0, 1), got {c['d_momentum']}, {c['d_beta2']}")
+            k = float(c["pool_kernel"])
+            if not (0 < k < 1 or (k >= 1 and k == int(k))):
+                return (f"'{prefix}.pool_kernel' must be a fraction in (0, 1) (official: 0.5) or a whole "
+                        f"number of pixels >= 1 (CIRKD: 2), got {c['pool_kernel']}")
+            return None
 
     def __init__(self, cfg: dict, ctx):
-        full = {**vars(self.Config()), **dict(cfg)}  # unit use may pass a partial section
-        super().__init__(full, ctx)
+        super().__init__(cfg, ctx)
         c = self.cfg
-        for key, valid in (("adversarial", ADVERSARIAL), ("d_optimizer", D_OPTIMIZERS),
-                           ("d_schedule", D_SCHEDULES)):
-            if c[key] not in valid:
-                raise ValueError(f"'method.skd.{key}' must be one of {', '.join(valid)}, got '{c[key]}'")
-        for key in ("weight", "ho_weight", "d_loss_scale", "gp_lambda", "d_weight_decay", "d_momentum"):
-            if float(c[key]) < 0:
-                raise ValueError(f"'method.skd.{key}' must be >= 0, got {c[key]}")
-        if int(c["d_channels"]) < 2:
-            raise ValueError(f"'method.skd.d_channels' must be >= 2 (self-attention uses C/8), got {c['d_channels']}")
-        for key in ("d_lr", "d_poly_power"):
-            if float(c[key]) <= 0:
-                raise ValueError(f"'method.skd.{key}' must be positive, got {c[key]}")
-        if c["d_optimizer"] == "adam" and not (float(c["d_momentum"]) < 1 and 0 <= float(c["d_beta2"]) < 1):
-            raise ValueError(f"'method.skd.d_momentum' and 'method.skd.d_beta2' are Adam's betas and must lie "
-                             f"in [0, 1), got {c['d_momentum']}, {c['d_beta2']}")
-        k = float(c["pool_kernel"])
-        if not (0 < k < 1 or (k >= 1 and k == int(k))):
-            raise ValueError(f"'method.skd.pool_kernel' must be a fraction in (0, 1) (official: 0.5) or a whole "
-                             f"number of pixels >= 1 (CIRKD: 2), got {c['pool_kernel']}")
         self.weight, self.ho_weight = float(c["weight"]), float(c["ho_weight"])
         if self.weight > 0:
             feature = c["feature"]

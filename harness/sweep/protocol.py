@@ -183,17 +183,13 @@ def _no_unknown(d: Dict[str, Any], known: set, where: str) -> None:
 
 # ------------------------------------------------------------------------------- expansion
 def method_paths(cfg: Dict[str, Any], kind: str) -> Dict[str, float]:
-    """Config paths (and default values) of the selected methods' temperatures or loss weights."""
-    out = {}
-    for method, params in sorted((cfg.get("method") or {}).items()):
-        for key, value in params.items():
-            is_tau = key == "tau" or key.startswith("tau_") or key.endswith("_tau")
-            is_weight = key == "weight" or key.endswith("_weight")
-            if is_tau and key.endswith("_tau") and params.get(key[:-3] + "weight") == 0:
-                continue  # the temperature of a switched-off term (e.g. cwd feature_tau, feature_weight 0)
-            if (kind == "$temperatures" and is_tau) or (kind == "$weights" and is_weight):
-                out[f"method.{method}.{key}"] = float(value)
-    return out
+    """Config paths (and default values) of the selected methods' temperatures (`$temperatures`) or
+    loss weights (`$weights`), as the methods' Config metadata declares them (kind `temperature` /
+    `weight`; `aux_weight`s are not tuned). A temperature whose gate weights are all 0 (its term
+    switched off, e.g. cwd `feature_tau` while `feature_weight` is 0) is left out."""
+    from harness.methods.params import paths_of_kind
+
+    return paths_of_kind(cfg.get("method") or {}, kind)
 
 
 def expand_space(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:

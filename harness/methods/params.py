@@ -1,0 +1,290 @@
+"""Declared method settings: each method's `Config` dataclass is the single source of its settings.
+
+A field is declared with `param(default, kind=..., doc=..., low=..., high=..., choices=...)`; its
+metadata says what the setting is:
+
+* `kind`: `temperature` (searched by the protocol's `$temperatures`), `weight` (a loss weight the
+  protocol's `$weights` tunes), `aux_weight` (weights a training extra or an auxiliary copy of a
+  term: a boundary head's or projector's BCE, the aux-head copy, a discriminator's objective; not
+  tuned) or `structural` (everything else).
+* a range (`low` / `high`, each end closed unless `low_open` / `high_open`) and / or `choices` (for a
+  list field: the values its items may take), checked at config load by `check_section` and again
+  when a method is built (unit use);
+* for a temperature, `gate`: the weight field(s) that switch its term off; while all of them are 0
+  the temperature is not searched (e.g. cwd `feature_tau` while `feature_weight` is 0).
+
+Checks that relate fields to each other, with no model needed, are a classmethod of the Config,
+`cross_check(values, prefix) -> message or None` (e.g. brd `temperature_cap >= tau`). Checks that
+need the models' channels stay in the method's `__init__`.
+
+This module imports no torch; the method registry (`harness.methods.METHODS`) is imported lazily by
+the functions that take a method name.
+
+`python -m harness.methods.params --markdown [METHOD ...]` prints the parameter tables of
+`docs/methods.md` (generated from the metadata; a test checks that the docs hold exactly them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+from harness.errors import ConfigError
+
+KINDS = ("temperature", "weight", "aux_weight", "structural")
+# the features every segmenter provides (harness.models.SegOutput.features)
+FEATURES = ("stage1", "stage2", "stage3", "stage4", "head")
+PLACEHOLDER_KINDS = {"$temperatures": "temperature", "$weights": "weight"}
+_META = "harness.param"
+
+
+@dataclass(frozen=True)
+class Param:
+    """The metadata of one setting."""
+    kind: str = "structural"
+    doc: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: Optional[Tuple[Any, ...]] = None
+    gate: Tuple[str, ...] = ()
+    why: str = ""  # appended to a range message, e.g. "tau only grows"
+
+    def range_text(self) -> str:
+        """'positive', '>= 0', 'in [0, 1)', ... ('' without a range)."""
+        lo, hi = self.low, self.high
+        if lo is None and hi is None:
+            return ""
+        if hi is None:
+            if lo == 0 and self.low_open:
+                return "positive"
+            return f"{'>' if self.low_open else '>='} {lo}"
+        if lo is None:
+            return f"{'<' if self.high_open else '<='} {hi}"
+        return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+
+    def admits(self, value: Any) -> bool:
+        """Whether a number lies in the range (True without one)."""
+        v = float(value)
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+            return False
+        return True
+
+
+class Field(NamedTuple):
+    name: str
+    default: Any
+    kind: str
+    doc: str
+    range: str                       # Param.range_text()
+    choices: Optional[Tuple[Any, ...]]
+    gate: Tuple[str, ...]
+
+
+def param(default: Any = dataclasses.MISSING, *, kind: str = "structural", doc: str = "",
+          low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+          high_open: bool = False, choices: Optional[Sequence[Any]] = None,
+          gate: Union[str, Sequence[str], None] = None, why: str = ""):
+    """A Config field with its metadata; a list default is given as a list (copied per instance)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    if gate and kind != "temperature":
+        raise ValueError("only a temperature has a gate")
+    meta = Param(kind=kind, doc=doc, low=low, high=high, low_open=low_open, high_open=high_open,
+                 choices=tuple(choices) if choices is not None else None,
+                 gate=(gate,) if isinstance(gate, str) else tuple(gate or ()), why=why)
+    if isinstance(default, list):
+        items = list(default)
+        return dataclasses.field(default_factory=lambda: list(items), metadata={_META: meta})
+    return dataclasses.field(default=default, metadata={_META: meta})
+
+
+def meta_of(f: dataclasses.Field) -> Param:
+    return f.metadata.get(_META, Param())
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def defaults_of(config: type) -> Dict[str, Any]:
+    """{name: default} in field order."""
+    return {f.name: _default(f) for f in dataclasses.fields(config)}
+
+
+def fields_of(config: type) -> List[Field]:
+    """(name, default, kind, doc, range, choices, gate) of every field, in declaration order."""
+    out = []
+    for f in dataclasses.fields(config):
+        m = meta_of(f)
+        out.append(Field(f.name, _default(f), m.kind, m.doc, m.range_text(), m.choices, m.gate))
+    return out
+
+
+# ----------------------------------------------------------------------------------- checks
+def _fmt_choices(choices: Sequence[Any]) -> str:
+    return ", ".join(str(c) for c in choices)
+
+
+def _check_value(path: str, m: Param, value: Any) -> Optional[str]:
+    if value is None:
+        return None  # the type (Optional or not) is the schema's business
+    if m.choices is not None:
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if v not in m.choices]
+            if bad:
+                return f"'{path}' items must be among {_fmt_choices(m.choices)}, got {bad}"
+        elif value not in m.choices:
+            return f"'{path}' must be one of {_fmt_choices(m.choices)}, got '{value}'"
+    if m.range_text():
+        try:
+            ok = m.admits(value)
+        except (TypeError, ValueError):
+            return f"'{path}' must be a number {m.range_text()}, got {value!r}"
+        if not ok:
+            why = f" ({m.why})" if m.why else ""
+            return f"'{path}' must be {m.range_text()}{why}, got {value}"
+    return None
+
+
+def check_section(method: str, config: type, values: Mapping[str, Any]) -> None:
+    """Raise ConfigError (one message) unless `values` (a whole `method.<name>` section, or a part of
+    one: missing keys take their defaults) satisfy the Config's metadata and its `cross_check`."""
+    prefix = f"method.{method}"
+    known = [f.name for f in dataclasses.fields(config)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}.{unknown[0]}'. Valid keys in '{prefix}': "
+                          f"{', '.join(known)}")
+    full = {**defaults_of(config), **dict(values)}
+    for f in dataclasses.fields(config):
+        message = _check_value(f"{prefix}.{f.name}", meta_of(f), full[f.name])
+        if message:
+            raise ConfigError(message)
+    cross = getattr(config, "cross_check", None)
+    message = cross(full, prefix) if cross is not None else None
+    if message:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------- questions
+def _methods() -> Dict[str, type]:
+    from harness.methods import METHODS  # lazily: the methods import torch
+
+    return METHODS
+
+
+def config_of(method: str) -> type:
+    methods = _methods()
+    if method not in methods:
+        raise ConfigError(f"unknown method '{method}'. Valid methods: {', '.join(sorted(methods))}")
+    return methods[method].Config
+
+
+def kind_of(method: str, key: str) -> str:
+    """`temperature`, `weight`, `aux_weight` or `structural` for `method.<method>.<key>`."""
+    for f in dataclasses.fields(config_of(method)):
+        if f.name == key:
+            return meta_of(f).kind
+    raise KeyError(f"method '{method}' has no setting '{key}'")
+
+
+def path_kind(path: str) -> Optional[str]:
+    """kind_of for a config path `method.<name>.<key>`; None for a path outside a method."""
+    parts = path.split(".")
+    if len(parts) != 3 or parts[0] != "method":
+        return None
+    return kind_of(parts[1], parts[2])
+
+
+def paths_of_kind(method_section: Mapping[str, Mapping[str, Any]], kind: str) -> Dict[str, float]:
+    """{config path: value} of the selected methods' settings of one kind (`temperature`, `weight`,
+    ... or the protocol placeholder `$temperatures` / `$weights`), methods in sorted order, fields in
+    declaration order. A temperature whose gate weights are all 0 (its term off) is left out."""
+    kind = PLACEHOLDER_KINDS.get(kind, kind)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    out: Dict[str, float] = {}
+    for method, values in sorted((method_section or {}).items()):
+        for f in dataclasses.fields(config_of(method)):
+            m = meta_of(f)
+            if m.kind != kind or f.name not in values:
+                continue
+            if m.gate and all(float(values.get(g, 0) or 0) == 0 for g in m.gate):
+                continue
+            out[f"method.{method}.{f.name}"] = float(values[f.name])
+    return out
+
+
+# ------------------------------------------------------------------------------------- docs
+def _md_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"`{value}`"
+    if isinstance(value, list):
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    return repr(value)
+
+
+def markdown_table(config: type) -> str:
+    """One row per field: key, default, kind, range / choices, doc."""
+    rows = ["| key | default | kind | range / choices | meaning |", "|---|---|---|---|---|"]
+    for f in fields_of(config):
+        limits = []
+        if f.choices is not None:
+            limits.append(", ".join(f"`{c}`" for c in f.choices))
+        if f.range:
+            limits.append(f.range)
+        if f.gate:
+            limits.append("off while " + " and ".join(f"`{g}`" for g in f.gate) + " = 0")
+        rows.append(f"| `{f.name}` | {_md_value(f.default)} | {f.kind} | {'; '.join(limits) or '—'} | {f.doc} |")
+    return "\n".join(rows)
+
+
+def _markers(method: str) -> Tuple[str, str]:
+    return f"<!-- params:{method} (generated by python -m harness.methods.params --markdown) -->", \
+        f"<!-- /params:{method} -->"
+
+
+def render_docs(text: str, methods: Optional[Mapping[str, type]] = None) -> str:
+    """`text` with the block between each method's markers replaced by its generated table."""
+    for name, cls in sorted((methods or _methods()).items()):
+        start, end = _markers(name)
+        pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _m: f"{start}\n{markdown_table(cls.Config)}\n{end}", text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.methods.params",
+                                 description="the methods' declared settings")
+    ap.add_argument("--markdown", action="store_true", help="print the parameter tables (with their markers)")
+    ap.add_argument("--update-docs", metavar="PATH", help="rewrite the tables of this markdown file in place")
+    ap.add_argument("methods", nargs="*", help="methods to print (default: all)")
+    args = ap.parse_args(argv)
+    methods = _methods()
+    if args.update_docs:
+        with open(args.update_docs, encoding="utf-8") as fh:
+            text = fh.read()
+        with open(args.update_docs, "w", encoding="utf-8") as fh:
+            fh.write(render_docs(text, methods))
+        return 0
+    for name in args.methods or sorted(methods):
+        start, end = _markers(name)
+        print(f"{name}\n\n{start}\n{markdown_table(config_of(name))}\n{end}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
