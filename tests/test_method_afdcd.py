@@ -9,6 +9,7 @@ import harness.methods
 from harness.methods.afdcd import (AfDCD, contrastive_loss, feature_distillation, keep_mask, to_tokens)
 from harness.methods.base import Batch, MethodContext, Progress
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -366,7 +367,7 @@ def test_distilled_run_trains_the_method_modules(tiny, registered, monkeypatch):
     monkeypatch.setattr(train, "build_methods", capture)
     # tiny crops give a 4 x 4 stage4 map: no pooling, one 4 x 4 patch per image
     cfg = load_config(tiny("+method=[kd,afdcd]", "method.afdcd.pool_size=1", "method.afdcd.fd_weight=1e-3"))
-    result = train.run(cfg, save_record=False)
+    result = train.run(cfg, teacher=teacher_for(cfg))
     assert result.record["status"] == "completed"
     terms = result.record["extra_json"]["last_loss_terms"]
     assert {"afdcd.fd", "afdcd.ctr"} <= set(terms) and all(math.isfinite(v) for v in terms.values())

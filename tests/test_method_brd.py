@@ -11,6 +11,7 @@ from harness.methods.base import Batch, MethodContext, Progress
 from harness.methods.brd import (BRD, boundary_kl, boundary_targets, decay_factor, relation_kl,
                                  split_channels)
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -467,7 +468,7 @@ def test_distilled_run_reaches_every_module(tiny, registered, monkeypatch):
 
     monkeypatch.setattr(train, "build_methods", capture)
     cfg = load_config(tiny("+method=brd", "method.brd.boundary_supervision=both", "method.brd.channels=16"))
-    record = train.run(cfg, save_record=False).record
+    record = train.run(cfg, teacher=teacher_for(cfg)).record
     assert record["status"] == "completed"
     terms = record["extra_json"]["last_loss_terms"]
     assert {"brd.boundary", "brd.relation", "brd.teacher_boundary_bce", "brd.student_boundary_bce"} <= set(terms)

@@ -10,6 +10,7 @@ import harness.engine.train
 from harness.methods import Batch, MethodContext, Progress
 from harness.methods.cirkd import CIRKD, batch_p2p, memory_kl, nearest_labels
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -532,7 +533,7 @@ def test_distilled_run_trains_the_projection_head(tiny, monkeypatch):
     overrides = [o if o != "student.head_channels=16" else "student.head_channels=8" for o in tiny("+method=cirkd")]
     cfg = load_config(overrides + ["method.cirkd.pixel_memory_size=200", "method.cirkd.region_memory_size=20",
                                    "method.cirkd.pixel_contrast_size=900", "method.cirkd.region_contrast_size=90"])
-    record = harness.engine.train.run(cfg, save_record=False).record
+    record = harness.engine.train.run(cfg, teacher=teacher_for(cfg)).record
     assert record["status"] == "completed"
     terms = record["extra_json"]["last_loss_terms"]
     for name in ("cirkd.batch_p2p", "cirkd.memory_p2p", "cirkd.memory_p2r"):

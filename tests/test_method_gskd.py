@@ -10,6 +10,7 @@ from harness.methods import Batch, MethodContext, Progress
 from harness.methods.gskd import (GSKD, class_balanced_sample, descriptor_kl, gssm, row_shuffle_index,
                                   teacher_correct_labels)
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 IGNORE = 255
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -358,7 +359,7 @@ def test_distilled_run_with_kd_and_gskd(tiny, registered):
     from harness.engine.train import run
 
     cfg = load_config(tiny("+method=[kd,gskd]", "method.gskd.min_classes=1", "method.gskd.n_per_class=4"))
-    record = run(cfg, save_record=False).record
+    record = run(cfg, teacher=teacher_for(cfg)).record
     assert record["status"] == "completed"
     terms = record["extra_json"]["last_loss_terms"]
     assert "gskd.gskd" in terms and "kd.kd" in terms and math.isfinite(terms["gskd.gskd"])

@@ -11,6 +11,7 @@ from harness.methods.cwd import channel_wise_kd
 from harness.methods.heteroakd import (HeteroAKD, hetero_kd, knowledge_targets, mean_bce, one_hot_labels,
                                        sigmoid_bce)
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -394,7 +395,7 @@ def test_distilled_run_reaches_every_module(tiny, registered, monkeypatch):
 
     monkeypatch.setattr(train, "build_methods", capture)
     cfg = load_config(tiny("+method=heteroakd", "method.heteroakd.warmup_fraction=0.25", "student.output_stride=16"))
-    record = train.run(cfg, save_record=False).record
+    record = train.run(cfg, teacher=teacher_for(cfg)).record
     assert record["status"] == "completed"
     terms = record["extra_json"]["last_loss_terms"]
     assert {"heteroakd.hkd", "heteroakd.teacher_projector_bce", "heteroakd.student_projector_bce"} <= set(terms)

@@ -8,6 +8,7 @@ import harness.methods
 from harness.methods.base import Batch, MethodContext, Progress
 from harness.methods.ifvd import IFVD, class_similarity_map, intra_class_variation_loss, labels_at
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -246,7 +247,7 @@ def test_distilled_run_through_the_train_loop(tiny, registered):
     from harness.engine.train import run
 
     cfg = load_config(tiny("+method=[kd,ifvd]", "method.ifvd.weight=200"))
-    result = run(cfg, save_record=False)
+    result = run(cfg, teacher=teacher_for(cfg))
     assert result.record["status"] == "completed"
     terms = result.record["extra_json"]["last_loss_terms"]
     assert "ifvd.ifvd" in terms and math.isfinite(terms["ifvd.ifvd"]) and terms["ifvd.ifvd"] > 0

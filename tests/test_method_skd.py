@@ -13,6 +13,7 @@ from harness.methods.skd import (SKD, Discriminator, SelfAttention, SpectralNorm
                                  gradient_penalty, hinge_d_loss, pairwise_distillation, pool_kernel_size,
                                  wgan_d_loss)
 from harness.models import SegOutput
+from harness.engine.teacher import teacher_for
 
 torch.set_num_threads(1)
 
@@ -508,7 +509,7 @@ def test_distilled_run_steps_the_discriminator(tiny, monkeypatch, extra):
     # a narrow D keeps the test fast (the 4x4 logit maps are upsampled to 64x64 for it)
     cfg = load_config(tiny("+method=skd", "method.skd.ho_weight=0.1", "method.skd.d_channels=8",
                            "budget.iterations=3", "budget.eval_interval=3", *extra))
-    result = train.run(cfg, save_record=False)
+    result = train.run(cfg, teacher=teacher_for(cfg))
     assert result.record["status"] == "completed"
     terms = result.record["extra_json"]["last_loss_terms"]
     assert {"skd.pairwise", "skd.holistic"} <= set(terms) and all(math.isfinite(v) for v in terms.values())

@@ -18,7 +18,7 @@ import torch
 
 from harness.cli import main
 from harness.config import load_config
-from harness.engine.train import task_terms
+from harness.engine.loop import task_terms
 from harness.methods import METHODS, Batch, MethodContext, Progress, build_methods
 from harness.models import build_segmenter
 
