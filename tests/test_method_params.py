@@ -14,8 +14,9 @@ from harness.cli import main
 from harness.config import PROJECT_ROOT, load_config, run_hash
 from harness.errors import ConfigError
 from harness.methods import METHODS
-from harness.methods.params import (FEATURES, check_section, defaults_of, fields_of, kind_of, markdown_table,
-                                    param, path_kind, paths_of_kind, render_docs)
+from harness.methods import kind_of, path_kind, paths_of_kind
+from harness.methods.docs import render_docs
+from harness.methods.params import FEATURES, check_section, defaults_of, fields_of, markdown_table, param
 
 PINS = json.loads((PROJECT_ROOT / "tests" / "data" / "pinned_sweeps.json").read_text())["sweeps"]
 # units the pins hold that the metadata removes on purpose: these train a head / projectors or weight
@@ -106,8 +107,8 @@ def test_paths_of_kind_follow_the_metadata_and_the_gate():
     section = {"cwd": defaults_of(METHODS["cwd"].Config), "brd": defaults_of(METHODS["brd"].Config)}
     assert paths_of_kind(section, "temperature") == {"method.brd.tau": 1.0, "method.cwd.tau": 4.0}
     section["cwd"]["feature_weight"] = 50.0
-    assert list(paths_of_kind(section, "$temperatures")) == ["method.brd.tau", "method.cwd.tau", "method.cwd.feature_tau"]
-    assert list(paths_of_kind(section, "$weights")) == ["method.brd.boundary_weight", "method.brd.relation_weight",
+    assert list(paths_of_kind(section, "temperature")) == ["method.brd.tau", "method.cwd.tau", "method.cwd.feature_tau"]
+    assert list(paths_of_kind(section, "weight")) == ["method.brd.boundary_weight", "method.brd.relation_weight",
                                                         "method.cwd.weight", "method.cwd.feature_weight"]
     assert paths_of_kind(section, "aux_weight") == {"method.brd.boundary_bce_weight": 1.0}
     section["brd"].update(boundary_weight=0.0, relation_weight=0.0)   # both terms off: tau not searched
@@ -184,7 +185,7 @@ def test_yaml_holds_exactly_the_config_keys_and_defaults(method):
 
 def test_docs_tables_are_generated_from_the_metadata():
     text = (PROJECT_ROOT / "docs" / "methods.md").read_text()
-    assert render_docs(text) == text, "run: python -m harness.methods.params --update-docs docs/methods.md"
+    assert render_docs(text) == text, "run: python -m harness.methods.docs --update-docs docs/methods.md"
     for method, cls in METHODS.items():
         assert markdown_table(cls.Config) in text, method
 

@@ -192,17 +192,42 @@ def test_inference_is_measured_by_codecarbon_and_extrapolated(tiny):
 
 # ---------------------------------------------------------------------------------------- plots
 def test_response_curves_read_the_searched_values_from_params():
+    """Values from params_json; what a path is from the record's param_kinds, never from its name."""
     from harness.report.figures import response_data
 
+    kinds = {"method.kd.tau": "temperature", "method.cwd.tau": "temperature", "method.cwd.weight": "weight",
+             "method.brd.boundary_bce_weight": "aux_weight"}
     rows = [{"stage": "temperature[method.kd.tau]", "params_json": {"optim.lr": 0.05, "method.kd.tau": t},
-             "final_miou": m, "status": s} for t, m, s in [(1, 0.2, "completed"), (2, 0.3, "completed"),
-                                                          (4, 0.1, "pruned"), (8, None, "failed")]]
+             "final_miou": m, "status": s, "extra_json": {"param_kinds": kinds}}
+            for t, m, s in [(1, 0.2, "completed"), (2, 0.3, "completed"), (4, 0.1, "pruned"), (8, None, "failed")]]
     rows += [{"stage": "together", "params_json": {"method.cwd.tau": 4, "method.cwd.weight": w, "optim.lr": lr},
-              "final_miou": 0.25, "status": "completed"} for w, lr in [(3.0, 0.1), (30.0, 0.2)]]
+              "final_miou": 0.25, "status": "completed", "extra_json": {"param_kinds": kinds}}
+             for w, lr in [(3.0, 0.1), (30.0, 0.2)]]
+    rows += [{"stage": "aux[method.brd.boundary_bce_weight]", "params_json": {"method.brd.boundary_bce_weight": w},
+              "final_miou": 0.2, "status": "completed", "extra_json": {"param_kinds": kinds}} for w in (0.1, 1.0)]
     assert response_data(rows) == {
-        ("temperature[method.kd.tau]", "method.kd.tau"): [(1.0, 0.2, "completed"), (2.0, 0.3, "completed"),
-                                                          (4.0, 0.1, "pruned")],
-        ("together", "method.cwd.weight"): [(3.0, 0.25, "completed"), (30.0, 0.25, "completed")]}
+        ("temperature[method.kd.tau]", "method.kd.tau"): ("temperature", [(1.0, 0.2, "completed"),
+                                                                          (2.0, 0.3, "completed"),
+                                                                          (4.0, 0.1, "pruned")]),
+        ("together", "method.cwd.weight"): ("weight", [(3.0, 0.25, "completed"), (30.0, 0.25, "completed")])}
+
+
+def test_response_curves_of_rows_without_param_kinds_take_the_kind_from_the_protocol_stage():
+    """Rows stored before records carried param_kinds: the stage's placeholder in the default
+    protocol says temperature ($temperatures) or weight ($weights); lr_wd searched no method path."""
+    from harness.report.figures import response_data
+
+    def row(stage, params):
+        return {"stage": stage, "params_json": params, "final_miou": 0.3, "status": "completed",
+                "config_json": {"sweep": {"protocol": "default"}}, "extra_json": {}}
+
+    rows = [row("temperature[method.gskd.tau]", {"method.gskd.tau": 2.0}),
+            row("weights[method.gskd.weight]", {"method.gskd.weight": 1.0}),
+            row("lr_wd", {"optim.lr": 0.01}), row("lr_wd", {"optim.lr": 0.02})]
+    data = response_data(rows)
+    assert {key: kind for key, (kind, _) in data.items()} == {
+        ("temperature[method.gskd.tau]", "method.gskd.tau"): "temperature",
+        ("weights[method.gskd.weight]", "method.gskd.weight"): "weight"}
 
 
 def test_pareto_front():

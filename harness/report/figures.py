@@ -10,10 +10,13 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
   the final mIoU of each (completed: filled; stopped early by ASHA: hollow, at the mIoU it had
   reached; failed: a cross on the x axis) and the best-so-far line of the completed trials.
 * ``response_<sweep>.png`` -- response curves (paper 003, Tables 4 and 5 as figures): for every
-  temperature (`tau`, `tau_*`, `*_tau`) and loss weight (`weight`, `*_weight`) searched in a stage,
-  the tune mIoU of each trial against the value (points) and the mean per value (line). The value
-  comes from `params_json`; the searched path from the sub-stage name (`weights[method.kd.weight]`)
-  or, for a stage that searched several paths at once, from the tau/weight paths that vary.
+  temperature and loss weight searched in a stage, the tune mIoU of each trial against the value
+  (points) and the mean per value (line). The value comes from `params_json`; the searched path
+  from the sub-stage name (`weights[method.kd.weight]`) or, for a stage that searched several paths
+  at once, from the method paths that vary. What a path is comes from the record
+  (`extra_json.param_kinds`, the methods' Config metadata as the sweep saw it) or, for rows stored
+  before records carried it, from the placeholder (`$temperatures`, `$weights`) of the row's stage
+  in its protocol; never from the path's name.
 * ``seeds_<block>.png`` -- per-seed distributions of every leaderboard row (the rerun rows of each
   arm: one point per seed, labelled with it, mean +- std bar).
 * ``pareto_<block>.png`` -- val mIoU against training energy per run (kWh, log scale) of each arm
@@ -34,9 +37,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness.report.blocks import MISSING, STUDENT_ONLY, Block, budget_of, method_label, source_lines
+from harness.report.blocks import MISSING, STUDENT_ONLY, Block, budget_of, method_label, protocol_of, source_lines
 from harness.report.energy import run_energy, teacher_runs
-from harness.sweep.protocol import parse_stage_name
+from harness.sweep.protocol import PLACEHOLDERS, load_protocol, parse_stage_name
 
 Output = Tuple[Optional[Path], str]  # (file written or None, what it shows / why it is missing)
 
@@ -55,14 +58,38 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
-def is_temperature(path: str) -> bool:
-    leaf = path.rsplit(".", 1)[-1]
-    return leaf == "tau" or leaf.startswith("tau_") or leaf.endswith("_tau")
+TUNED_KINDS = ("temperature", "weight")  # what the response curves show
 
 
-def is_weight(path: str) -> bool:
-    leaf = path.rsplit(".", 1)[-1]
-    return leaf == "weight" or leaf.endswith("_weight")
+class ParamKinds:
+    """What a method parameter of a sweep row is (temperature, weight, aux_weight, structural).
+
+    The sweep records it with each trial (`extra_json.param_kinds`). For a row stored before it did,
+    the row's stage in its protocol decides: a stage whose space expands exactly one placeholder
+    (`$temperatures`, `$weights`) searched settings of that kind. One protocol load per name."""
+
+    def __init__(self) -> None:
+        self._protocols: Dict[Optional[str], Any] = {}
+
+    def _protocol(self, name: Optional[str]):
+        if name not in self._protocols:
+            try:
+                self._protocols[name] = load_protocol(name) if name else None
+            except Exception:  # noqa: BLE001 - an old or moved protocol: the kind stays unknown
+                self._protocols[name] = None
+        return self._protocols[name]
+
+    def __call__(self, row: Dict[str, Any], path: str) -> Optional[str]:
+        recorded = (row.get("extra_json") or {}).get("param_kinds")
+        if recorded is not None:
+            return recorded.get(path)
+        protocol = self._protocol(protocol_of(row))
+        stage_name = parse_stage_name(row.get("stage") or "")[0]
+        stage = next((s for s in protocol.stages if s.name == stage_name), None) if protocol else None
+        kinds = {PLACEHOLDERS[k] for k in (stage.space if stage else {}) if k in PLACEHOLDERS}
+        if len(kinds) == 1 and path.startswith("method.") and path not in stage.space:
+            return kinds.pop()
+        return None
 
 
 def footer(store_url: str, rows: Sequence[Dict[str, Any]], what: str, reruns: bool = True) -> List[str]:
@@ -167,25 +194,28 @@ def optimisation_history(store, out_dir: Path, filters: Optional[dict] = None) -
 
 
 # --------------------------------------------------------------------------------- response
-def response_data(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str], List[Tuple[float, float, str]]]:
-    """(stage, path) -> [(value, mIoU, status)] for every tau / weight searched in a stage."""
-    out: Dict[Tuple[str, str], List[Tuple[float, float, str]]] = {}
+def response_data(rows: Sequence[Dict[str, Any]], kinds: Optional[ParamKinds] = None
+                  ) -> Dict[Tuple[str, str], Tuple[str, List[Tuple[float, float, str]]]]:
+    """(stage, path) -> (kind, [(value, mIoU, status)]) for every temperature / loss weight searched
+    in a stage."""
+    kinds = kinds or ParamKinds()
+    out: Dict[Tuple[str, str], Tuple[str, List[Tuple[float, float, str]]]] = {}
     for stage, srows in _stages(rows).items():
         _, searched = parse_stage_name(stage)
         if searched is not None:
             paths = [searched]
         else:
             keys = {k for r in srows for k in (r.get("params_json") or {})}
-            paths = sorted(k for k in keys if (is_temperature(k) or is_weight(k)) and
-                           len({repr((r.get("params_json") or {}).get(k)) for r in srows}) > 1)
+            paths = sorted(k for k in keys if len({repr((r.get("params_json") or {}).get(k)) for r in srows}) > 1)
         for path in paths:
-            if not (is_temperature(path) or is_weight(path)):
+            kind = next((k for k in (kinds(r, path) for r in srows) if k is not None), None)
+            if kind not in TUNED_KINDS:
                 continue
             for r in srows:
                 value = (r.get("params_json") or {}).get(path)
                 if value is None or r["final_miou"] is None or r["status"] == "failed":
                     continue
-                out.setdefault((stage, path), []).append((float(value), float(r["final_miou"]), r["status"]))
+                out.setdefault((stage, path), (kind, []))[1].append((float(value), float(r["final_miou"]), r["status"]))
     return out
 
 
@@ -197,7 +227,8 @@ def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> Lis
             continue
         fig, axes = _grid(len(data))
         used = []
-        for ax, ((stage, path), points) in zip(axes, sorted(data.items(), key=lambda kv: (not is_temperature(kv[0][1]), kv[0]))):
+        for ax, ((stage, path), (kind, points)) in zip(axes, sorted(data.items(),
+                                                                     key=lambda kv: (kv[1][0] != "temperature", kv[0]))):
             stage_rows = [r for r in rows if r["stage"] == stage]
             used += stage_rows
             for status, style in (("completed", dict(color="C0")), ("pruned", dict(mfc="none", color="0.5"))):
@@ -212,10 +243,10 @@ def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> Lis
             ax.plot(xs, [statistics.fmean(by_value[x]) for x in xs], "-", color="C0", lw=1)
             values = [x for x, _, _ in points]
             if min(values) > 0 and max(values) / min(values) >= 4:
-                ax.set_xscale("log", base=2 if is_temperature(path) else 10)
+                ax.set_xscale("log", base=2 if kind == "temperature" else 10)
             ax.set_xlabel(path, fontsize=7)
             ax.set_ylabel(f"mIoU (%), {stage_rows[0].get('split') or MISSING} split", fontsize=7)
-            ax.set_title(f"{'temperature' if is_temperature(path) else 'loss weight'}: {stage}", fontsize=8)
+            ax.set_title(f"{'temperature' if kind == 'temperature' else 'loss weight'}: {stage}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
         fig.suptitle(f"Response curves -- {arm_name(rows)}", fontsize=9)

@@ -22,6 +22,7 @@ SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 ARMS = ("student-only", "distilled")
 RERUN = "rerun"  # the search kind of the stage whose rows are the evidence (fresh seeds, on val)
 SEARCHES = ("tpe", "grid", "combine", RERUN)
+PLACEHOLDERS = {"$temperatures": "temperature", "$weights": "weight"}  # -> the methods' settings of that kind
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "grid_scale")
 
 
@@ -167,8 +168,8 @@ def _check_distribution(path: str, dist: Any, search: str, where: str) -> None:
                           f"(grid stages take grid/grid_scale, tpe stages distributions)")
     if kind == "grid_scale" and not path.startswith("$"):
         raise ConfigError(f"{where}: grid_scale (multiples of a default) only applies to $weights/$temperatures")
-    if path.startswith("$") and path not in ("$temperatures", "$weights"):
-        raise ConfigError(f"{where}: unknown placeholder '{path}' (known: $temperatures, $weights)")
+    if path.startswith("$") and path not in PLACEHOLDERS:
+        raise ConfigError(f"{where}: unknown placeholder '{path}' (known: {', '.join(PLACEHOLDERS)})")
 
 
 def _no_unknown(d: Dict[str, Any], known: set, where: str) -> None:
@@ -187,9 +188,9 @@ def method_paths(cfg: Dict[str, Any], kind: str) -> Dict[str, float]:
     loss weights (`$weights`), as the methods' Config metadata declares them (kind `temperature` /
     `weight`; `aux_weight`s are not tuned). A temperature whose gate weights are all 0 (its term
     switched off, e.g. cwd `feature_tau` while `feature_weight` is 0) is left out."""
-    from harness.methods.params import paths_of_kind
+    from harness.methods import paths_of_kind
 
-    return paths_of_kind(cfg.get("method") or {}, kind)
+    return paths_of_kind(cfg.get("method") or {}, PLACEHOLDERS[kind])
 
 
 def expand_space(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:

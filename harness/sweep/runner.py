@@ -64,7 +64,8 @@ class StageRun:
                          stage_kind=self.stage.search, split=self.stage.split,
                          threads=max(1, int(s["cpus_per_trial"])), collapse_fraction=s["collapse_fraction"],
                          command=sweep.command,
-                         gpu_share=s["gpus_per_trial"] if 0 < s["gpus_per_trial"] < 1 else None)
+                         gpu_share=s["gpus_per_trial"] if 0 < s["gpus_per_trial"] < 1 else None,
+                         param_kinds=param_kinds([*self.fixed, *self.space, *(k for p in self.points for k in p)]))
 
 
 @dataclass
@@ -75,6 +76,13 @@ class Sweep:
     ids: Dict[str, str]             # arm -> arm id
     store: ResultsStore
     command: str = ""
+
+
+def param_kinds(paths) -> Dict[str, str]:
+    """Method path -> its kind (`harness.methods.path_kind`) for the method paths among `paths`."""
+    from harness.methods import path_kind
+
+    return {p: path_kind(p) for p in sorted(set(paths)) if p.startswith("method.")}
 
 
 def arm_ids(cfg: Dict[str, Any], protocol: Protocol) -> Dict[str, str]:
@@ -367,7 +375,7 @@ class RecordCallback(_callback_base()):
                                   final_miou=last.get("miou"), best_miou=last.get("miou"),
                                   iterations=last.get("iteration"),
                                   wall_time_s=time.time() - self.started.get(trial.trial_id, time.time()),
-                                  extra_json={"stage_kind": spec.stage_kind},
+                                  extra_json=spec.extra(),
                                   **{k: v for k, v in spec.record_fields(trial.trial_id, params).items()
                                      if k != "run_id"})
             store_record(cfg, record)

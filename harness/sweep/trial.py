@@ -32,6 +32,7 @@ class TrialSpec:
     collapse_fraction: float
     command: str
     gpu_share: Optional[float] = None  # trials packed on one GPU: each counts its share of its energy
+    param_kinds: Optional[Dict[str, str]] = None  # method path -> temperature | weight | ... (for reports)
 
     def params(self, config: Dict[str, Any]) -> Dict[str, Any]:
         """The trial's full parameter set: inherited winners, then what Tune chose for it."""
@@ -54,6 +55,11 @@ class TrialSpec:
         """What a stored trial record says about where it belongs."""
         return {"run_id": self.run_id(trial_id), "sweep_id": self.arm_id, "stage": self.stage,
                 "trial_id": trial_id, "params_json": params}
+
+    def extra(self) -> Dict[str, Any]:
+        """What a stored trial record keeps of its stage in `extra_json`: the stage's kind (reports find
+        the rerun rows by it) and what each method parameter is (reports read no method code)."""
+        return {"stage_kind": self.stage_kind, "param_kinds": dict(self.param_kinds or {})}
 
 
 def apply_params(cfg: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
@@ -97,7 +103,7 @@ def trainable(config: Dict[str, Any], spec: TrialSpec) -> None:
     result = run(cfg, teacher=teacher_for(cfg, spec.command), command=spec.command, callback=on_eval,
                  run_id=spec.run_id(trial_id))
     record = result.record.replace(**spec.record_fields(trial_id, params),
-                                   extra_json={**result.record.extra_json, "stage_kind": spec.stage_kind})
+                                   extra_json={**result.record.extra_json, **spec.extra()})
     store_record(cfg, record)
     if record.status == "failed" and not record.failure_reason.startswith("tune mIoU collapsed"):
         # diverged before (or between) evaluations: make sure Tune sees a losing, failed result
