@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.models import SegFormer, SegOutput, build_segmenter, count_parameters
-from harness.models.segformer import (
 from harness.engine.teacher import teacher_for
+from harness.models.segformer import (
     MIT_SPECS,
     EfficientSelfAttention,
     MixFFN,
