@@ -178,6 +178,77 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tiny, tmp_path):
     assert len(ResultsStore(url).query(stage="reruns")) == 2
 
 
+def test_resumed_tpe_sampler_continues_the_uninterrupted_search():
+    """The replayed sampler proposes, after k finished trials, exactly the (k+1)-th point of the
+    uninterrupted search, for every k; a sampler merely re-created with the seed would repeat the
+    first point (the bug this replaces)."""
+    import math
+    from types import SimpleNamespace
+
+    import optuna
+
+    from harness.sweep.runner import replayed_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"optim.lr": optuna.distributions.FloatDistribution(0.002, 0.1, log=True),
+             "optim.weight_decay": optuna.distributions.CategoricalDistribution([5e-6, 5e-5, 5e-4])}
+    protocol = SimpleNamespace(sampler_seed=0, tpe_startup_trials=3)
+
+    def score(p):
+        return -abs(math.log(p["optim.lr"] / 0.02)) + (p["optim.weight_decay"] == 5e-5)
+
+    def study(sampler, points=(), values=()):
+        s = optuna.create_study(direction="maximize", sampler=sampler)
+        for p, v in zip(points, values):  # what OptunaSearch does with points_to_evaluate + rewards
+            s.add_trial(optuna.trial.create_trial(params=p, distributions=space, value=v))
+        return s
+
+    uninterrupted = study(replayed_sampler(protocol, space, [], []))
+    points, values = [], []
+    for _ in range(7):
+        trial = uninterrupted.ask(fixed_distributions=space)
+        points.append(trial.params)
+        values.append(score(trial.params))
+        uninterrupted.tell(trial, values[-1])
+    for k in range(1, 7):
+        resumed = study(replayed_sampler(protocol, space, points[:k], values[:k]), points[:k], values[:k])
+        assert resumed.ask(fixed_distributions=space).params == points[k], k
+    naive = study(optuna.samplers.TPESampler(seed=0, n_startup_trials=3), points[:1], values[:1])
+    assert naive.ask(fixed_distributions=space).params == points[0]  # the old resume: a repeat
+
+
+def test_a_resumed_tpe_stage_runs_the_points_of_the_uninterrupted_sweep(ray_local, tiny, tmp_path):
+    """Run a one-trial-at-a-time TPE stage to the end, take the last two trials out of the database
+    (a sweep killed after its second trial), run the command again: it runs the same two points,
+    no point twice, with the same tune mIoU: the winner is the uninterrupted sweep's."""
+    import sqlalchemy as sa
+
+    protocol = protocol_file(tmp_path, [
+        {"name": "lr", "arms": ["student-only"], "search": "tpe", "trials": 4,
+         "space": {"optim.lr": {"loguniform": [0.002, 0.1]}}},
+        {"name": "reruns", "arms": ["student-only"], "inherits": ["lr"], "seeds": 1},
+    ], name="resume")
+    overrides = tiny("+method=kd", f"sweep.protocol={protocol}", "sweep.max_concurrent_trials=1",
+                     "budget.sweep_max_trials=null", "report.after_sweep=false")
+    assert main(["sweep", *overrides]) == 0
+    first = sorted(rows(overrides, stage="lr"), key=lambda r: r["created_at"])
+    rerun = rows(overrides, stage="reruns")
+    assert len(first) == 4 and len(rerun) == 1
+    url = load_config(overrides)["store"]["url"]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM runs WHERE run_id IN :ids").bindparams(sa.bindparam("ids", expanding=True)),
+                     {"ids": [r["run_id"] for r in first[2:]]})
+    engine.dispose()
+    assert main(["sweep", *overrides]) == 0
+    second = sorted(rows(overrides, stage="lr"), key=lambda r: r["created_at"])
+    lrs = [r["params_json"]["optim.lr"] for r in second]
+    assert lrs == [r["params_json"]["optim.lr"] for r in first]   # the same points, in the same order
+    assert len(set(lrs)) == 4                                       # none twice
+    assert [r["final_miou"] for r in second] == [r["final_miou"] for r in first]
+    assert rows(overrides, stage="reruns") == rerun                 # the reruns were kept, not run again
+
+
 def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeypatch):
     """The trial function itself (outside Ray): tune-mIoU 0.30 -> 0.40 -> 0.05 collapses at the third
     evaluation (below collapse_fraction=0.5 of the best so far); the run stops there, its row says

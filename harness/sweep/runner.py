@@ -238,7 +238,6 @@ def _run_unit(sweep: Sweep, unit: StageRun) -> List[Dict[str, Any]]:
 
 
 def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -252,11 +251,10 @@ def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
         search_alg, num_samples = None, 1
     else:
         param_space = {path: domain(dist) for path, dist in unit.space.items()}
-        searched = list(unit.space)
-        previous = [{k: r["params_json"][k] for k in searched} for r in done]
-        rewards = [r["final_miou"] if r["status"] != "failed" and r["final_miou"] is not None else 0.0 for r in done]
-        sampler = optuna.samplers.TPESampler(seed=protocol.sampler_seed,
-                                             n_startup_trials=protocol.tpe_startup_trials)
+        done = sorted(done, key=lambda r: r["created_at"] or "")
+        previous = [{k: r["params_json"][k] for k in unit.space} for r in done]
+        rewards = [reward(r) for r in done]
+        sampler = replayed_sampler(protocol, OptunaSearch.convert_search_space(param_space), previous, rewards)
         search_alg = OptunaSearch(metric="miou", mode="max", sampler=sampler,
                                   points_to_evaluate=previous or None, evaluated_rewards=rewards or None)
         num_samples = remaining
@@ -277,6 +275,36 @@ def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
                                   failure_config=tune.FailureConfig(max_failures=resources_cfg["max_failures"]),
                                   callbacks=[RecordCallback(sweep, unit, spec, evaluations)], verbose=0))
     tuner.fit()
+
+
+def reward(row: Dict[str, Any]) -> float:
+    """What the sampler was told of a finished trial: its last tune mIoU (a pruned trial's at the cut),
+    0 for a failed one (as the trial reported it to Tune)."""
+    return row["final_miou"] if row["status"] != "failed" and row["final_miou"] is not None else 0.0
+
+
+def replayed_sampler(protocol: Protocol, distributions: Dict[str, Any], previous: List[Dict[str, Any]],
+                     rewards: List[float]):
+    """The stage's TPE sampler, in the state it had after the finished trials (resume).
+
+    A sampler re-created with the same seed restarts its random sequence, and would propose the
+    stage's first point again. So the finished trials are replayed in the order they were stored:
+    the sampler is asked (which advances its random state exactly as the first run did) and told each
+    trial's reward. With one trial at a time the replayed proposals are the stored points themselves,
+    and the resumed stage continues the uninterrupted search point for point; with several trials at
+    once the order of asks and tells is not stored, the replay advances the random state by as many
+    draws and the continuation is a fresh part of the sequence, not a repeat. The search itself is then
+    told the stored points and rewards (`points_to_evaluate`), so its model is built from what ran."""
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=protocol.sampler_seed, n_startup_trials=protocol.tpe_startup_trials)
+    if not previous:
+        return sampler
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    replay = optuna.create_study(direction="maximize", sampler=sampler)
+    for value in rewards:
+        replay.tell(replay.ask(fixed_distributions=distributions), value)
+    return sampler
 
 
 def domain(dist: Dict[str, Any]):
