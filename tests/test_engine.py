@@ -183,6 +183,7 @@ def test_run_record_has_one_shape_for_every_row(tiny):
     assert set(record.as_row()) == set(COLUMNS) - {"created_at"}
     assert record["arm"] == "distilled" and record.methods == "kd" and record.teacher == cfg["teacher"]["name"]
     assert record.config_hash == run_hash(cfg) and record.split == cfg["eval_split"]
+    assert record.versions_json["torch"] and record.host  # a pruned trial's record says where it ran too
     assert record.replace(arm="teacher").arm == "teacher"
     with pytest.raises(ValueError, match="status"):
         record.replace(status="running")

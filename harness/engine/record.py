@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from harness import provenance
 from harness.config import arm_of, methods_of, run_hash
 
 ARMS = ("student-only", "distilled", "teacher")
@@ -61,11 +62,13 @@ class RunRecord:
 
     @classmethod
     def of(cls, cfg: Dict[str, Any], run_id: str, command: str = "", **values: Any) -> "RunRecord":
-        """A record of `cfg` with what the config says (identity, hash, arm) and the given values."""
+        """A record of `cfg` with what the config says (identity, hash, arm), where it ran (commit,
+        versions, host) and the given values."""
         identity = dict(run_id=run_id, command=command, config_json=cfg, config_hash=run_hash(cfg),
                         arm=arm_of(cfg), methods=",".join(methods_of(cfg)), dataset=cfg["dataset"]["name"],
                         student=cfg["student"]["name"], teacher=cfg["teacher"]["name"] if cfg["method"] else None,
-                        seed=cfg["seed"], split=cfg["eval_split"])
+                        seed=cfg["seed"], split=cfg["eval_split"], git_commit=provenance.git_commit(),
+                        versions_json=provenance.versions(), host=provenance.host())
         return cls(**{**identity, **values})
 
     def replace(self, **values: Any) -> "RunRecord":

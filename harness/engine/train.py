@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from harness import provenance
 from harness.config import arm_of
 from harness.data import build_dataset
 from harness.energy import EnergyMeter
@@ -120,8 +119,7 @@ def run(cfg: dict, *, teacher=None, command: str = "", callback: Optional[EvalCa
         iterations=done.iterations, wall_time_s=time.time() - started, train_time_s=done.train_time_s,
         energy_kwh=energy.result.get("energy_kwh"), co2_kg=energy.result.get("co2_kg"),
         carbon_intensity_g_per_kwh=energy.result.get("carbon_intensity_g_per_kwh"),
-        energy_json=energy.result, git_commit=provenance.git_commit(),
-        versions_json=provenance.versions(), host=provenance.host(),
+        energy_json=energy.result,
         extra_json={"teacher": teacher.info if teacher is not None else None, "device": str(device),
                     "last_loss_terms": done.last_terms,
                     "precision": str(amp_dtype or torch.float32).replace("torch.", "")})
