@@ -27,6 +27,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.errors import ConfigError
+from harness.params import check_finite, check_schema, param
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -47,21 +48,21 @@ class ModelConfig:
     backbone: str = MISSING
     head: str = MISSING
     output_stride: int = 8
-    head_channels: int = 128
+    head_channels: int = param(128, low=1)
     width: float = 1.0  # channel multiplier of the backbone (CPU presets); 1.0 = the papers' models
     aux: bool = True
-    aux_weight: float = 0.4
-    dropout: float = 0.1
+    aux_weight: float = param(0.4, low=0)
+    dropout: float = param(0.1, low=0, high=1, high_open=True)
     pretrained: Optional[str] = None  # null/false, hub (local torch hub cache) or a state-dict path; never downloaded
 
 
 @dataclass
 class TeacherTrainConfig:
     """How the harness trains a teacher that is not given as a checkpoint."""
-    lr: float = 0.02
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    seed: int = 0  # one teacher serves every student seed
+    lr: float = param(0.02, low=0, low_open=True, high=10)
+    weight_decay: float = param(1e-4, low=0)
+    momentum: float = param(0.9, low=0, high=1, high_open=True)
+    seed: int = param(0, low=0)  # one teacher serves every student seed
 
 
 @dataclass
@@ -73,29 +74,29 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = param(0.01, low=0, low_open=True, high=10)
+    momentum: float = param(0.9, low=0, high=1, high_open=True)
+    weight_decay: float = param(1e-4, low=0)
     nesterov: bool = False
-    poly_power: float = 0.9
-    grad_clip_norm: Optional[float] = None
+    poly_power: float = param(0.9, low=0)
+    grad_clip_norm: Optional[float] = param(None, low=0, low_open=True)
 
 
 @dataclass
 class BudgetConfig:
     name: str = MISSING
-    iterations: int = MISSING
-    batch_size: int = MISSING
+    iterations: int = param(MISSING, low=0, low_open=True)
+    batch_size: int = param(MISSING, low=0, low_open=True)
     crop_size: List[int] = MISSING
     scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
-    eval_interval: int = MISSING
-    eval_batch_size: int = 16
-    max_eval_images: Optional[int] = None  # evaluate on the first N images of the split (smoke tests)
-    teacher_iterations: int = MISSING
-    teacher_batch_size: int = MISSING
-    sweep_max_trials: Optional[int] = None   # caps every search stage's trials (smoke sweeps)
-    sweep_rerun_seeds: Optional[int] = None  # caps the number of rerun seeds (smoke sweeps)
+    eval_interval: int = param(MISSING, low=0, low_open=True)
+    eval_batch_size: int = param(16, low=0, low_open=True)
+    max_eval_images: Optional[int] = param(None, low=1)  # evaluate on the first N images of the split (smoke tests)
+    teacher_iterations: int = param(MISSING, low=0, low_open=True)
+    teacher_batch_size: int = param(MISSING, low=0, low_open=True)
+    sweep_max_trials: Optional[int] = param(None, low=1)   # caps every search stage's trials (smoke sweeps)
+    sweep_rerun_seeds: Optional[int] = param(None, low=1)  # caps the number of rerun seeds (smoke sweeps)
 
 
 @dataclass
@@ -174,38 +175,38 @@ class StoreConfig:
 class EnergyConfig:
     enabled: bool = True
     country_iso_code: str = "DEU"
-    carbon_intensity_g_per_kwh: Optional[float] = None  # force a fixed intensity (comparability)
-    measure_power_secs: int = 15
-    gpu_share: Optional[float] = None  # fraction of a GPU this run holds; the sweep sets it from gpus_per_trial
+    carbon_intensity_g_per_kwh: Optional[float] = param(None, low=0)  # force a fixed intensity (comparability)
+    measure_power_secs: int = param(15, low=1)
+    gpu_share: Optional[float] = param(None, low=0, low_open=True, high=1)  # fraction of a GPU this run holds; the sweep sets it from gpus_per_trial
 
 
 @dataclass
 class RayConfig:
     address: Optional[str] = None
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = param(None, low=1)
 
 
 @dataclass
 class SweepConfig:
     protocol: str = "default"
-    max_concurrent_trials: int = 2
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
-    max_failures: int = 1
-    collapse_fraction: float = 0.5
-    estimate_tflops: float = 100.0  # effective training TFLOP/s of one GPU, for the --dry-run estimate
+    max_concurrent_trials: int = param(2, low=1)
+    cpus_per_trial: int = param(1, low=1)
+    gpus_per_trial: float = param(0.0, low=0)
+    max_failures: int = param(1, low=0)
+    collapse_fraction: float = param(0.5, low=0, high=1)
+    estimate_tflops: float = param(100.0, low=0, low_open=True)  # effective training TFLOP/s of one GPU, for the --dry-run estimate
     ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
 class ReportConfig:
-    min_seeds: int = 3  # tables mark comparisons with fewer rerun seeds per arm
+    min_seeds: int = param(3, low=0, low_open=True)  # tables mark comparisons with fewer rerun seeds per arm
     after_sweep: bool = True  # regenerate leaderboard, tables and figures when a sweep ends
 
 
 @dataclass
 class TopConfig:
-    seed: int = 0
+    seed: int = param(0, low=0)
     train_split: str = "train"
     eval_split: str = "val"
     recipe: str = "none"  # the training protocol group (conf/recipe/): none | cirkd | niemann2023
@@ -213,8 +214,8 @@ class TopConfig:
     precision: str = "auto"
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    threads: int = 2
-    num_workers: int = 0
+    threads: int = param(2, low=0, low_open=True)
+    num_workers: int = param(0, low=0)
     deterministic: bool = True
     progress: bool = True
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -342,6 +343,9 @@ def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR, check_data: bool = 
     for section, schema in SECTION_SCHEMAS.items():
         out[section] = _against(schema, groups[section], section)
     out["method"] = _validate_methods(groups["method"] or {}, conf_dir)
+    check_finite(out)  # one rule for every number: NaN and infinities are refused everywhere
+    for section, schema in {"": TopConfig, "dataset": DATASET_SCHEMAS[ds_name], **SECTION_SCHEMAS}.items():
+        check_schema(section, schema, out[section] if section else out)  # the ranges the schemas declare
     _check_invariants(out, check_data)
     return out
 
@@ -380,9 +384,9 @@ def _expected_type(schema: type, key: str) -> str:
 
 def _validate_methods(section: Dict[str, Any], conf_dir: Path) -> Dict[str, Any]:
     """Each selected method's section against its Config: keys and types (the schema), then the
-    ranges, choices and cross-field rules its fields declare (`harness.methods.params`)."""
+    ranges, choices and cross-field rules its fields declare (`harness.params`)."""
     from harness.methods import METHODS
-    from harness.methods.params import check_section
+    from harness.params import check_section
 
     out = {}
     for name, params in section.items():
@@ -394,22 +398,13 @@ def _validate_methods(section: Dict[str, Any], conf_dir: Path) -> Dict[str, Any]
 
 
 def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
-    def positive(path: str, value) -> None:
-        if value is None or value <= 0:
-            raise ConfigError(f"'{path}' must be positive, got {value}")
-
+    """What relates values to each other or to the machine (single values: the schemas' ranges)."""
     b, o, d = cfg["budget"], cfg["optim"], cfg["dataset"]
-    for key in ("iterations", "batch_size", "eval_interval", "eval_batch_size",
-                "teacher_iterations", "teacher_batch_size"):
-        positive(f"budget.{key}", b[key])
     if len(b["crop_size"]) != 2 or min(b["crop_size"]) <= 0:
         raise ConfigError(f"'budget.crop_size' must be two positive integers [height, width], got {b['crop_size']}")
     lo, hi = (b["scale_range"] + [None, None])[:2]
     if len(b["scale_range"]) != 2 or not 0 < lo <= hi:
         raise ConfigError(f"'budget.scale_range' must be [low, high] with 0 < low <= high, got {b['scale_range']}")
-    positive("optim.lr", o["lr"])
-    if o["weight_decay"] < 0:
-        raise ConfigError(f"'optim.weight_decay' must be >= 0, got {o['weight_decay']}")
     if o["name"] != "sgd":
         raise ConfigError(f"unknown optimiser '{o['name']}'. Valid choices for optim.name: sgd")
     for split_key in ("train_split", "eval_split"):
@@ -420,8 +415,6 @@ def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
     if cfg["precision"] not in PRECISIONS:
         raise ConfigError(f"'precision' must be one of {', '.join(PRECISIONS)}, got '{cfg['precision']}' "
                           f"(fp16 is not offered: it needs loss scaling, bf16 does not)")
-    positive("threads", cfg["threads"])
-    positive("report.min_seeds", cfg["report"]["min_seeds"])
     if len(d["class_names"]) != d["num_classes"]:
         raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
                           f"but num_classes = {d['num_classes']}")

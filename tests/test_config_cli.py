@@ -38,7 +38,7 @@ def test_group_options_are_selectable():
     (["optim.lr=abc"], "wrong type for 'optim.lr'"),
     (["budget.iterations=2.5"], "wrong type for 'budget.iterations'"),
     (["budget.iterations=0"], "'budget.iterations' must be positive"),
-    (["optim.lr=-1"], "'optim.lr' must be positive"),
+    (["optim.lr=-1"], "'optim.lr' must be in (0, 10]"),
     (["eval_split=test"], "'eval_split' must be one of train, tune, val"),
     (["device=tpu"], "'device' must be one of auto, cpu, cuda"),
     (["+method=nosuch"], "unknown method 'nosuch'. Valid choices for method: " + ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "conf" / "method").glob("*.yaml")))),
@@ -131,3 +131,30 @@ def test_recipes_set_the_papers_protocols_per_dataset(tmp_path, monkeypatch):
     assert load_config(["recipe=niemann2023", "student=pspnet_resnet18", "teacher.pretrained=false"])["student"]["pretrained"] == "hub"
     with pytest.raises(ConfigError, match="unknown recipe 'cirk'.*Did you mean 'cirkd'"):
         load_config(["recipe=cirk"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "'optim.lr' must be a finite number, got nan"),
+    ("optim.grad_clip_norm=inf", "'optim.grad_clip_norm' must be a finite number, got inf"),
+    ("dataset.mean=[1,nan,3]", "'dataset.mean[1]' must be a finite number"),
+    ("optim.lr=1e308", "'optim.lr' must be in (0, 10]"),
+    ("seed=-1", "'seed' must be >= 0"),
+    ("student.dropout=2", "'student.dropout' must be in [0, 1)"),
+    ("optim.poly_power=-1", "'optim.poly_power' must be >= 0"),
+    ("energy.measure_power_secs=0", "'energy.measure_power_secs' must be >= 1"),
+    ("sweep.gpus_per_trial=-1", "'sweep.gpus_per_trial' must be >= 0"),
+    ("sweep.cpus_per_trial=0", "'sweep.cpus_per_trial' must be >= 1"),
+    ("sweep.max_concurrent_trials=0", "'sweep.max_concurrent_trials' must be >= 1"),
+    ("sweep.collapse_fraction=1.5", "'sweep.collapse_fraction' must be in [0, 1]"),
+    ("teacher.train.momentum=1", "'teacher.train.momentum' must be in [0, 1)"),
+])
+def test_every_number_is_finite_and_in_its_schema_range(override, message):
+    """One schema-level rule: NaN/inf anywhere, and each field's declared range (harness.params)."""
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert message in str(err.value)
+
+
+def test_a_method_temperature_of_inf_is_refused():
+    with pytest.raises(ConfigError, match="'method.kd.tau' must be a finite number, got inf"):
+        load_config(["+method=kd", "method.kd.tau=inf"])

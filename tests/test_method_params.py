@@ -16,7 +16,7 @@ from harness.errors import ConfigError
 from harness.methods import METHODS
 from harness.methods import kind_of, path_kind, paths_of_kind
 from harness.methods.docs import render_docs
-from harness.methods.params import FEATURES, check_section, defaults_of, fields_of, markdown_table, param
+from harness.params import FEATURES, check_section, defaults_of, fields_of, markdown_table, param
 
 PINS = json.loads((PROJECT_ROOT / "tests" / "data" / "pinned_sweeps.json").read_text())["sweeps"]
 # units the pins hold that the metadata removes on purpose: these train a head / projectors or weight

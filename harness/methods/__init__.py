@@ -3,7 +3,7 @@
 The registry also answers what a setting of a registered method is (`kind_of`, `path_kind`) and
 which settings of the selected methods are temperatures or loss weights (`paths_of_kind`, what the
 protocol's `$temperatures` / `$weights` expand to), from each Config's field metadata
-(`harness.methods.params`).
+(`harness.params`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from harness.methods.gskd import GSKD
 from harness.methods.heteroakd import HeteroAKD
 from harness.methods.ifvd import IFVD
 from harness.methods.kd import PixelKD
-from harness.methods.params import KINDS, meta_of
+from harness.params import KINDS, meta_of
 from harness.methods.skd import SKD
 from harness.errors import ConfigError
 

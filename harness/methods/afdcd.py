@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 MASK_MODES = ("random", "centre")
 PROJECTORS = ("plain", "enhanced")

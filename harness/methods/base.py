@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.methods.params import check_section, defaults_of
+from harness.params import check_section, defaults_of
 from harness.models import SegOutput
 
 
@@ -51,7 +51,7 @@ class MethodContext:
 
 class Method(nn.Module):
     """Base class. Subclasses set `name`, `Config` (a dataclass schema whose fields are declared with
-    `harness.methods.params.param`) and implement `terms`."""
+    `harness.params.param`) and implement `terms`."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
@@ -59,7 +59,7 @@ class Method(nn.Module):
 
     def __init__(self, cfg: dict, ctx: MethodContext):
         """`cfg` is the `method.<name>` section, or part of it (unit use): it is checked against the
-        Config's metadata (`harness.methods.params.check_section`, the check of config load) and
+        Config's metadata (`harness.params.check_section`, the check of config load) and
         completed with the Config's defaults."""
         super().__init__()
         schema = getattr(type(self), "Config", None)

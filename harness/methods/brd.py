@@ -98,7 +98,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from harness.methods.base import Method
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 SCHEDULES = ("range", "constant")
 BOUNDARY_MAPS = ("probability", "logit")

@@ -95,7 +95,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.methods.base import Method, pixel_rows, resized_like
 from harness.methods.cwd import make_projector
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 MEMORY_WEIGHTS = ("memory_p2p_weight", "memory_p2r_weight")  # the memory terms are off when both are 0
 CHUNK_ELEMENTS = 2 ** 24  # the default of Config.chunk_elements (memory only, not the value)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,

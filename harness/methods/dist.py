@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.methods.base import Method, pixel_rows, resized_like
-from harness.methods.params import param
+from harness.params import param
 
 EPS = 1e-8
 

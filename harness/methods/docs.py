@@ -13,7 +13,7 @@ import sys
 from typing import Mapping, Optional, Sequence, Tuple
 
 from harness.methods import METHODS, config_of
-from harness.methods.params import markdown_table
+from harness.params import markdown_table
 
 
 def markers(method: str) -> Tuple[str, str]:

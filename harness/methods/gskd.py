@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method, resized_like
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 # mode -> (N samples per class, S columns per descriptor; S < 0 means |S| x classes in the image)
 PRESETS: Dict[str, Tuple[int, int]] = {"standalone": (16, 8), "plugin": (8, -1)}

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.methods.base import Method
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 AXES = ("spatial", "class")
 SIZES = ("label", "logits")

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.methods.base import Method, resized_like
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 PROTOTYPE_EPS = 1e-6  # added to a class's pixel count (reference)
 COSINE_EPS = 1e-8     # nn.CosineSimilarity's default, clamping each norm

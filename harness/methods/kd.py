@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.methods.base import Method, pixel_rows, resized_like
-from harness.methods.params import param
+from harness.params import param
 
 
 def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:

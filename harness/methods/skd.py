@@ -92,7 +92,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from harness.methods.base import Method, resized_like
-from harness.methods.params import FEATURES, param
+from harness.params import FEATURES, param
 
 ADVERSARIAL = ("hinge", "wgan-gp")
 D_OPTIMIZERS = ("adam", "sgd")

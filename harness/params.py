@@ -1,4 +1,5 @@
-"""Declared method settings: each method's `Config` dataclass is the single source of its settings.
+"""Declared settings: each method's `Config` dataclass (and each section schema of `harness.config`)
+is the single source of its settings.
 
 A field is declared with `param(default, kind=..., doc=..., low=..., high=..., choices=...)`; its
 metadata says what the setting is:
@@ -25,6 +26,7 @@ questions about the registered methods (`kind_of`, `path_kind`, `paths_of_kind`)
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -168,6 +170,35 @@ def check_section(method: str, config: type, values: Mapping[str, Any]) -> None:
     message = cross(full, prefix) if cross is not None else None
     if message:
         raise ConfigError(message)
+
+
+def check_schema(prefix: str, schema: type, values: Mapping[str, Any]) -> None:
+    """Raise ConfigError for the first value of a validated config section that its schema field's
+    metadata refuses (range, choices); nested schema sections are checked too."""
+    for f in dataclasses.fields(schema):
+        if f.name not in values:
+            continue
+        path, value = f"{prefix}.{f.name}" if prefix else f.name, values[f.name]
+        nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+            check_schema(path, type(nested), value)
+            continue
+        message = _check_value(path, meta_of(f), value)
+        if message:
+            raise ConfigError(message)
+
+
+def check_finite(values: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first NaN or infinite number anywhere in a config (comparisons with
+    NaN are all false, so a range check alone lets it through)."""
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            check_finite(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            check_finite(value, f"{prefix}[{i}]")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"'{prefix}' must be a finite number, got {values}")
 
 
 # ------------------------------------------------------------------------------------- docs
