@@ -20,23 +20,26 @@ from harness.errors import EXIT_USAGE, ConfigError, UsageError  # noqa: E402
 
 def cmd_train(overrides: List[str]) -> int:
     cfg = load_config(overrides)
-    from harness.engine.record import store_record
+    from harness.engine.record import open_store, store_record
     from harness.engine.teacher import teacher_for
     from harness.engine.train import run
 
+    open_store(cfg)  # a database that cannot take the record is refused before any training
     command = _command_line()
     record = run(cfg, teacher=teacher_for(cfg, command), command=command).record
     print(format_result(record))  # first: a store that fails cannot take the result with it
-    store_record(cfg, record)
-    print(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
+    if store_record(cfg, record):
+        print(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
     return 0 if record["status"] == "completed" else 1
 
 
 def cmd_teacher(overrides: List[str]) -> int:
     cfg = load_config(overrides)
+    from harness.engine.record import open_store
     from harness.engine.teacher import get_teacher
     from harness.engine.train import resolve_device
 
+    open_store(cfg)  # the teacher's training run is stored: check the database first
     _, info = get_teacher(cfg, device=resolve_device(cfg["device"]), command=_command_line())
     print(f"teacher {cfg['teacher']['name']} on {cfg['dataset']['name']} (budget {cfg['budget']['name']})")
     print(f"  source      {info['source']}: {info['checkpoint']}")
@@ -84,14 +87,17 @@ def cmd_config(overrides: List[str]) -> int:
 # A report command loads the config once, opens one results store and parses one Filters; the
 # measure layer (harness.measure) runs what needs a model, and the report layer (harness.report,
 # which only reads) gets config, store, filters, blocks and the measured values as plain data.
-def report_inputs(overrides: List[str]):
-    """(config, results store, filters) of a report command's overrides."""
+def report_inputs(overrides: List[str], database_optional: bool = False):
+    """(config, results store opened read-only, filters) of a report command's overrides; with
+    `database_optional` the store is None when the database does not exist yet."""
     from harness.report.filters import Filters
-    from harness.store import ResultsStore
+    from harness.store import ResultsStore, database_exists
 
     filters, rest = Filters.parse(overrides)
     cfg = load_config(rest)
-    return cfg, ResultsStore(cfg["store"]["url"]), filters
+    if database_optional and not database_exists(cfg["store"]["url"]):
+        return cfg, None, filters
+    return cfg, ResultsStore(cfg["store"]["url"], readonly=True), filters
 
 
 def _blocks(store, filters, blocks=None):
@@ -179,7 +185,11 @@ def _report_command(part: Callable[..., None]) -> Callable[[List[str]], int]:
     return command
 
 
-cmd_literature = _report_command(write_literature)
+def cmd_literature(overrides: List[str]) -> int:  # the published numbers need no database
+    write_literature(*report_inputs(overrides, database_optional=True))
+    return 0
+
+
 cmd_significance = _report_command(write_significance)
 cmd_leaderboard = _report_command(write_leaderboard)
 cmd_energy = _report_command(write_energy)

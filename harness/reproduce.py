@@ -132,7 +132,7 @@ def main(args: List[str]) -> int:
     ident, seed, overrides = parse_args(args)
     device = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "device"), None)
     current = load_config(overrides)
-    store = ResultsStore(current["store"]["url"])
+    store = ResultsStore(current["store"]["url"], readonly=True)
     rows, what = runs_behind(store, ident)
     if not rows:
         from harness.report.blocks import known_row_ids

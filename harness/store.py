@@ -28,6 +28,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from harness.errors import ConfigError
+
 SCHEMA_VERSION = 1
 TABLE_NAME = "runs"
 META_TABLE_NAME = "meta"
@@ -99,6 +101,15 @@ meta_table = sa.Table(
 )
 
 
+class StoreError(ConfigError):
+    """A results database the harness cannot use (missing for a read, in memory, not a database, not
+    the harness's, unreachable, locked, newer schema); the message names it and why (exit 2)."""
+
+
+class MissingDatabase(StoreError):
+    """A command that only reads was pointed at a database file that does not exist."""
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -126,26 +137,55 @@ def dumps_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=_json_default)
 
 
-def normalize_url(url: str | os.PathLike) -> str:
+def normalize_url(url: str | os.PathLike, create: bool = True) -> str:
     """Return an SQLAlchemy URL; plain paths become absolute ``sqlite:///`` URLs.
 
-    For SQLite file URLs a relative database path is made absolute and the parent
-    directory is created.
+    For SQLite file URLs a relative database path is made absolute and, with `create`, the parent
+    directory is created; without it (a read) a missing database file is a StoreError. An in-memory
+    SQLite database is refused: it would keep nothing of a run.
     """
     url = os.fspath(url)
     if "://" not in url:
-        path = os.path.abspath(os.path.expanduser(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return "sqlite:///" + path
-    parsed = make_url(url)
+        url = "sqlite:///" + os.path.abspath(os.path.expanduser(url))
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises ArgumentError / ValueError
+        raise StoreError(f"store.url '{url}' is not a database URL ({exc}); give a file path or a URL such as "
+                         f"sqlite:////abs/path/harness.db or postgresql+psycopg://user@host/db") from None
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:") and "mode=memory" not in url:
+        if not db or db == ":memory:" or "mode=memory" in url:
+            raise StoreError(f"store.url '{url}' is an in-memory database, which keeps nothing of a run; "
+                             f"give a file (sqlite:////abs/path/harness.db) or a server URL")
+        if not db.startswith("file:"):
             path = os.path.abspath(os.path.expanduser(db))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            parsed = parsed.set(database=path)
-            return parsed.render_as_string(hide_password=False)
+            if create:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            elif not os.path.isfile(path):
+                raise MissingDatabase(f"no results database at {path} (store.url): a command that only reads "
+                                 f"never creates one; run a sweep or `train` first, or point store.url at "
+                                 f"an existing database")
+            return parsed.set(database=path).render_as_string(hide_password=False)
     return url
+
+
+def database_exists(url: str | os.PathLike) -> bool:
+    """False only for an SQLite file that is not there (a server database is taken to exist)."""
+    try:
+        normalize_url(url, create=False)
+    except MissingDatabase:
+        return False
+    except StoreError:
+        return True  # there, but unusable: opening it says why
+    return True
+
+
+def _explain(url: str, exc: BaseException) -> str:
+    """One paragraph for a database that cannot be opened (no traceback)."""
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    return (f"cannot use the results database {shown} (store.url): {type(exc).__name__}: {text}. "
+            f"Give a harness database, a new path, or a reachable server URL whose driver is installed")
 
 
 def _is_already_exists(exc: BaseException) -> bool:
@@ -167,21 +207,46 @@ class ResultsStore:
     JSON_COLUMNS: tuple[str, ...] = JSON_COLUMNS
     SCHEMA_VERSION: int = SCHEMA_VERSION
 
-    def __init__(self, url: str | os.PathLike):
-        self.url = normalize_url(url)
+    def __init__(self, url: str | os.PathLike, readonly: bool = False):
+        """Open (and, unless `readonly`, create the schema of) the database at `url`. `readonly`: a
+        command that only reads; it never creates a database, never takes a write lock and so never
+        waits for a writer. Anything that makes the database unusable is a StoreError."""
+        self.url = normalize_url(url, create=not readonly)
+        self.readonly = readonly
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-        self.engine = sa.create_engine(self.url, **kwargs)
-        if self.is_sqlite:
-            self._install_sqlite_events(self.engine)
-        self._ensure_schema()
+        try:
+            self.engine = sa.create_engine(self.url, **kwargs)
+            if self.is_sqlite:
+                self._install_sqlite_events(self.engine, readonly)
+            self._check_is_harness_database()
+            if not readonly:
+                self._ensure_schema()
+        except StoreError:
+            raise
+        except (sa.exc.SQLAlchemyError, OSError, ImportError, ValueError, RuntimeError) as exc:
+            raise StoreError(_explain(self.url, exc)) from None
+
+    def _check_is_harness_database(self) -> None:
+        """A harness database, or (for writing) an empty one; never someone else's tables."""
+        tables = set(sa.inspect(self.engine).get_table_names())
+        if {TABLE_NAME, META_TABLE_NAME} <= tables:
+            columns = {c["name"] for c in sa.inspect(self.engine).get_columns(TABLE_NAME)}
+            missing = [c for c in COLUMNS if c not in columns]
+            if missing:
+                raise StoreError(f"{self!r} has a '{TABLE_NAME}' table without the harness's columns "
+                                 f"{', '.join(missing[:5])}: not a harness results database")
+            return
+        if tables or self.readonly:
+            raise StoreError(f"{self!r} is not a harness results database (tables: "
+                             f"{', '.join(sorted(tables)) or 'none'}); give the database a sweep or `train` wrote")
 
     # ---- engine setup -------------------------------------------------------------
 
     @staticmethod
-    def _install_sqlite_events(engine: sa.Engine) -> None:
+    def _install_sqlite_events(engine: sa.Engine, readonly: bool = False) -> None:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # noqa: ANN001
             # Driver-level autocommit: SQLAlchemy's "begin" event below emits BEGIN itself,
@@ -191,13 +256,14 @@ class ResultsStore:
             try:
                 # busy_timeout first, so that switching to WAL waits for other processes.
                 cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-                cur.execute("PRAGMA journal_mode = WAL")
+                if not readonly:  # a reader leaves the journal mode alone (changing it takes a lock)
+                    cur.execute("PRAGMA journal_mode = WAL")
             finally:
                 cur.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):  # noqa: ANN001
-            if conn.get_execution_options().get("harness_readonly"):
+            if readonly or conn.get_execution_options().get("harness_readonly"):
                 conn.exec_driver_sql("BEGIN")
             else:
                 # Take the write lock up front: concurrent writers wait on busy_timeout
@@ -318,8 +384,13 @@ class ResultsStore:
 
     # ---- public API -----------------------------------------------------------------
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self!r} was opened read-only")
+
     def append(self, record: dict) -> str:
         """Insert one row in one transaction; returns its run_id."""
+        self._writable()
         self._check_columns(record, "keys")
         row = dict(record)
         if not row.get("run_id"):
@@ -351,6 +422,7 @@ class ResultsStore:
 
     def update(self, run_id: str, **fields) -> None:
         """Change columns of an existing run in one transaction; KeyError if absent."""
+        self._writable()
         self._check_columns(fields, "column")
         if "run_id" in fields:
             raise ValueError("run_id cannot be updated")
@@ -384,7 +456,7 @@ class ResultsStore:
         self.close()
 
     def __reduce__(self):  # picklable (e.g. for worker processes): reconnect by URL
-        return (type(self), (self.url,))
+        return (type(self), (self.url, self.readonly))
 
     def __repr__(self) -> str:
         return f"ResultsStore({make_url(self.url).render_as_string(hide_password=True)!r})"

@@ -194,3 +194,16 @@ def test_run_record_has_one_shape_for_every_row(tiny):
 def test_a_distilled_run_needs_its_teacher(tiny):
     with pytest.raises(ValueError, match="teacher_for"):
         run(load_config(tiny("+method=kd")))
+
+
+def test_train_refuses_an_unusable_store_before_any_work(tiny, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database " * 50)
+    overrides = tiny("+method=kd", f"store.url=sqlite:///{notes}", f"paths.cache={tmp_path / 'cache'}")
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot use the results database") and err.count("\n") == 1
+    assert not (tmp_path / "cache").exists()            # no teacher trained, no data generated
+    assert notes.read_text().startswith("my notes")
+    assert main(["train", *tiny("store.url=sqlite:///:memory:")]) == 2
+    assert "in-memory" in capsys.readouterr().err

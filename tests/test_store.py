@@ -213,3 +213,76 @@ def test_pickle_reconnects(tmp_path):
     store.append({"run_id": "x"})
     clone = pickle.loads(pickle.dumps(store))
     assert clone.get("x")["run_id"] == "x"
+
+
+# ------------------------------------------------------------------ a store the harness cannot use
+@pytest.mark.parametrize("make, message", [
+    (lambda d: "sqlite:///:memory:", "in-memory database"),
+    (lambda d: (d / "notes.txt").write_text("not a database at all " * 100) and f"sqlite:///{d / 'notes.txt'}",
+     "cannot use the results database"),
+    (lambda d: str(d), "cannot use the results database"),             # a directory
+    (lambda d: "foo://x", "cannot use the results database"),
+])
+def test_an_unusable_store_is_one_paragraph(tmp_path, make, message):
+    from harness.store import StoreError
+
+    with pytest.raises(StoreError) as err:
+        ResultsStore(make(tmp_path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
+    import sqlite3
+
+    from harness.store import StoreError
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(StoreError, match="not a harness results database"):
+        ResultsStore(f"sqlite:///{path}")
+    with sqlite3.connect(path) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["invoices"]
+
+
+def test_a_reader_never_creates_a_database_nor_waits_for_a_writer(tmp_path):
+    import sqlite3
+    import time
+
+    from harness.store import MissingDatabase, StoreError
+
+    path = tmp_path / "r" / "harness.db"
+    with pytest.raises(MissingDatabase):
+        ResultsStore(f"sqlite:///{path}", readonly=True)
+    assert not path.parent.exists()
+    writer = ResultsStore(f"sqlite:///{path}")
+    writer.append({"run_id": "a", "arm": "student-only"})
+    lock = sqlite3.connect(path, timeout=1, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")                     # a long writer holds the write lock
+    try:
+        started = time.time()
+        reader = ResultsStore(f"sqlite:///{path}", readonly=True)
+        assert [r["run_id"] for r in reader.query()] == ["a"]
+        assert time.time() - started < 5
+        with pytest.raises(StoreError, match="read-only"):
+            reader.append({"run_id": "b"})
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
+def test_a_record_the_store_cannot_take_is_kept_and_imported_by_the_next_command(tiny, monkeypatch, capsys):
+    from harness.config import load_config
+    from harness.engine.record import RunRecord, open_store, pending_dir, store_record
+
+    cfg = load_config(tiny())
+    record = RunRecord.of(cfg, "run-1", "pytest", final_miou=0.3)
+    real = ResultsStore.append
+    monkeypatch.setattr(ResultsStore, "append", lambda self, row: (_ for _ in ()).throw(OSError("disk full")))
+    assert store_record(cfg, record) is False
+    assert "disk full" in capsys.readouterr().err
+    assert [p.name for p in pending_dir(cfg).iterdir()] == ["run-1.json"]
+    monkeypatch.setattr(ResultsStore, "append", real)
+    store = open_store(cfg)                              # the next command that writes
+    assert store.get("run-1")["final_miou"] == 0.3 and not list(pending_dir(cfg).iterdir())
+    assert "imported the record of run run-1" in capsys.readouterr().err

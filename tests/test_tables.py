@@ -359,6 +359,10 @@ def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
     from harness.cli import main
 
     out = tmp_path / "empty"
+    # a read command never creates a database: a missing one is exit 2, nothing written
+    assert main(["leaderboard", f"paths.results={out}", "progress=false"]) == 2
+    assert "no results database" in capsys.readouterr().err and not out.exists()
+    ResultsStore(f"sqlite:///{out}/harness.db")  # an empty harness database (what `train` creates first)
     assert main(["leaderboard", f"paths.results={out}", "progress=false"]) == 0
     err = capsys.readouterr().err
     assert "No completed rerun rows" in err and "sweep +method=NAME" in err
@@ -432,6 +436,7 @@ def test_significance_cli_files_and_empty(tmp_path, store, cfg, capsys):
             assert len(re.findall(r"(?<!\\)&", line)) == 4, line
     assert len(re.findall(r"(?<!\\)\{", body)) == len(re.findall(r"(?<!\\)\}", body))
     empty = tmp_path / "e"
+    ResultsStore(f"sqlite:///{empty}/harness.db")
     assert main(["significance", f"paths.results={empty}", f"paths.reports={empty}"]) == 0
     assert "No completed rerun rows" in capsys.readouterr().err
     assert "No completed rerun rows" in (empty / "significance.md").read_text()

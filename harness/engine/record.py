@@ -7,7 +7,11 @@ stores it (`store_record`); the training code never writes to the database.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import provenance
@@ -82,8 +86,45 @@ class RunRecord:
         return getattr(self, key)
 
 
-def store_record(cfg: Dict[str, Any], record: RunRecord) -> None:
-    """Append `record` to the results database of `cfg` (`store.url`)."""
+def pending_dir(cfg: Dict[str, Any]) -> Path:
+    """Where records wait that could not be written to the database (`<paths.results>/pending`)."""
+    return Path(cfg["paths"]["results"]) / "pending"
+
+
+def open_store(cfg: Dict[str, Any]):
+    """The results database of `cfg`, opened for writing and checked (a StoreError, exit 2, before
+    any work), with the records a failed write left behind imported first."""
     from harness.store import ResultsStore
 
-    ResultsStore(cfg["store"]["url"]).append(record.as_row())
+    store = ResultsStore(cfg["store"]["url"])
+    folder = pending_dir(cfg)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        row = json.loads(path.read_text())
+        if store.get(row["run_id"]) is None:
+            store.append(row)
+        path.unlink()
+        print(f"[harness] imported the record of run {row['run_id']} kept in {path} into {store.url}",
+              file=sys.stderr)
+    return store
+
+
+def store_record(cfg: Dict[str, Any], record: RunRecord) -> bool:
+    """Append `record` to the results database of `cfg` (`store.url`). If that fails (locked, full,
+    gone), the record is kept as a file in `pending_dir(cfg)`, which the next command that opens the
+    store for writing imports; returns whether it reached the database."""
+    try:
+        open_store(cfg).append(record.as_row())
+        return True
+    except Exception as exc:  # noqa: BLE001 - whatever the database did, the run must not be lost
+        from harness.store import dumps_json
+
+        folder = pending_dir(cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{record.run_id.replace(':', '_').replace('/', '_')}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(dumps_json(record.as_row()))
+        os.replace(tmp, path)
+        print(f"[harness] could not write the record of run {record.run_id} to {cfg['store']['url']} "
+              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); kept in {path}, the next command "
+              f"that opens the store imports it", file=sys.stderr)
+        return False

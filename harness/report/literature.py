@@ -151,17 +151,19 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
 
 def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), quiet: bool = False,
           data_file: Path | str = DATA_FILE) -> Path:
-    """results/literature.md: the published entries matching dataset= and +method=, next to our lifts."""
+    """results/literature.md: the published entries matching dataset= and +method=, next to our lifts
+    (`store` None: no results database yet, the published numbers alone)."""
     entries = load_entries(data_file)
     methods = filters.methods
     if filters.get("dataset"):
         entries = [e for e in entries if e["dataset"] == filters.get("dataset")]
     if methods:
         entries = [e for e in entries if e["method"] in {method_label(m) for m in methods}]
-    ours = our_lifts(store)
+    ours = our_lifts(store) if store is not None else {}  # None: no results database yet
+    url = store.url if store is not None else cfg["store"]["url"]
     rows = [r for lst in ours.values() for o in lst for r in (o.block.arms[o.label].rows + o.block.baseline.rows)]
     unique = list({r["run_id"]: r for r in rows}.values())
-    md = to_markdown(entries, ours, source_lines(store.url, unique, what="our lifts"), filters.shown_all())
+    md = to_markdown(entries, ours, source_lines(url, unique, what="our lifts"), filters.shown_all())
     out = Path(cfg["paths"]["results"]) / "literature.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
@@ -169,5 +171,5 @@ def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), quiet: bool 
         print(md)
         print(f"wrote {out}")
     if not ours:
-        print(f"no tuned comparison in {store.url} yet: only the published numbers are listed", file=sys.stderr)
+        print(f"no tuned comparison in {url} yet: only the published numbers are listed", file=sys.stderr)
     return out

@@ -117,7 +117,9 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
 
     if cfg["sweep"]["ray"]["address"]:
         check_address(cfg["sweep"]["ray"]["address"])
-    store = ResultsStore(cfg["store"]["url"])
+    from harness.engine.record import open_store
+
+    store = open_store(cfg)
     say(f"sweep '{protocol.name}' for {'+'.join(methods_of(cfg))}: {cfg['student']['name']} <- "
         f"{cfg['teacher']['name']} on {cfg['dataset']['name']} (budget {cfg['budget']['name']})")
     say(f"  arms: {ids['student-only']}  |  {ids['distilled']}")
