@@ -207,3 +207,25 @@ def test_train_refuses_an_unusable_store_before_any_work(tiny, tmp_path, capsys)
     assert notes.read_text().startswith("my notes")
     assert main(["train", *tiny("store.url=sqlite:///:memory:")]) == 2
     assert "in-memory" in capsys.readouterr().err
+
+
+def test_identical_teacher_trainings_give_the_same_checkpoint_bytes(tiny, tmp_path):
+    """The checkpoint is saved through a buffer: its archive does not carry the writer's pid."""
+    digests = []
+    for name in ("a", "b"):
+        cfg = load_config(tiny("+method=kd", f"paths.cache={tmp_path / name}", "budget.teacher_iterations=2"))
+        digests.append(get_teacher(cfg, torch.device("cpu")).info["sha256"])
+    assert digests[0] == digests[1]
+
+
+def test_a_garbage_cached_meta_json_is_a_teacher_error(tiny, tmp_path):
+    cfg = load_config(tiny("+method=kd", f"paths.cache={tmp_path / 'c'}", "budget.teacher_iterations=2"))
+    get_teacher(cfg, torch.device("cpu"))
+    (teacher_dir(cfg) / "meta.json").write_text("{not json")
+    with pytest.raises(TeacherError, match="cannot be read"):
+        get_teacher(cfg, torch.device("cpu"))
+
+
+def test_a_model_name_cannot_leave_the_cache_folder(tiny):
+    with pytest.raises(ConfigError, match="names cache folders"):
+        load_config(tiny("+method=kd", "teacher.name=../../x"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import sys
@@ -82,8 +83,12 @@ def cached_or_trained(cfg: dict, command: str = "") -> Tuple[Segmenter, Dict]:
     with FileLock(str(folder) + ".lock"):
         ckpt, meta_path = folder / "teacher.pt", folder / "meta.json"
         if ckpt.is_file() and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("sha256") != sha256_of(ckpt):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (ValueError, OSError) as e:
+                raise TeacherError(f"the cached teacher's {meta_path} cannot be read ({type(e).__name__}); "
+                                   f"delete {folder} to retrain it") from None
+            if not isinstance(meta, dict) or meta.get("sha256") != sha256_of(ckpt):
                 raise TeacherError(f"the cached teacher {ckpt} does not match the hash in its meta.json "
                                    f"(corrupt or edited); delete {folder} to retrain it")
             return load_checkpoint(cfg, ckpt), meta
@@ -103,7 +108,9 @@ def train_teacher(cfg: dict, folder: Path, command: str = "") -> Tuple[Segmenter
         raise RuntimeError(f"training the teacher failed: {record.failure_reason}")
     ckpt = folder / "teacher.pt"
     tmp = folder / f".teacher.{os.getpid()}.tmp"
-    torch.save(result.model.state_dict(), tmp)
+    buffer = io.BytesIO()  # saved through a buffer: the archive's inner folder is then always "archive",
+    torch.save(result.model.state_dict(), buffer)  # not the temporary file's name, so the same training
+    tmp.write_bytes(buffer.getvalue())              # gives the same bytes and the same sha256
     os.replace(tmp, ckpt)
     model = load_checkpoint(cfg, ckpt)
     metrics = measure(cfg, model)

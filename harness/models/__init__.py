@@ -22,6 +22,7 @@ model config may use.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,9 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     an output stride the backbone cannot give, a width outside (0, 1], or SegFormer parts that do
     not go together. The one home of these checks: config validation and `build_segmenter` call it."""
     backbone, head = _get(cfg, "backbone"), _get(cfg, "head")
+    name = str(_get(cfg, "name", ""))
+    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", name):
+        raise ValueError(f"name {name!r} names cache folders: use letters, digits and _ . + - (not first '.')")
     if backbone not in MODEL_BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; valid choices: {', '.join(sorted(MODEL_BACKBONES))}")
     if head not in MODEL_HEADS:

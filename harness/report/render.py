@@ -5,6 +5,7 @@ Every table of the report layer is a text built from these helpers; `publish` wr
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -64,11 +65,13 @@ def publish(out_dir: Any, name: str, outputs: Dict[str, Any], quiet: bool, empty
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {ext: out / f"{name}.{ext}" for ext in outputs}
-    for ext, content in outputs.items():
+    for ext, content in outputs.items():  # each file appears whole or not at all (a kill mid-write)
+        tmp = out / f".{name}.{os.getpid()}.tmp.{ext}"
         if callable(content):
-            content(paths[ext])
+            content(tmp)
         else:
-            paths[ext].write_text(content)
+            tmp.write_text(content)
+        os.replace(tmp, paths[ext])
     if not quiet:
         print(outputs["md"])
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
