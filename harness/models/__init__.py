@@ -67,8 +67,8 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     an output stride the backbone cannot give, a width outside (0, 1], or SegFormer parts that do
     not go together. The one home of these checks: config validation and `build_segmenter` call it."""
     backbone, head = _get(cfg, "backbone"), _get(cfg, "head")
-    name = str(_get(cfg, "name", ""))
-    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", name):
+    name = _get(cfg, "name")  # optional here (derived from the parts); config always sets it
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", str(name)):
         raise ValueError(f"name {name!r} names cache folders: use letters, digits and _ . + - (not first '.')")
     if backbone not in MODEL_BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; valid choices: {', '.join(sorted(MODEL_BACKBONES))}")
