@@ -59,7 +59,7 @@ class ModelConfig:
 @dataclass
 class TeacherTrainConfig:
     """How the harness trains a teacher that is not given as a checkpoint."""
-    lr: float = param(0.02, low=0, low_open=True, high=10)
+    lr: float = param(0.02, low=0, low_open=True, high=1000)
     weight_decay: float = param(1e-4, low=0)
     momentum: float = param(0.9, low=0, high=1, high_open=True)
     seed: int = param(0, low=0)  # one teacher serves every student seed
@@ -74,7 +74,7 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = param(0.01, low=0, low_open=True, high=10)
+    lr: float = param(0.01, low=0, low_open=True, high=1000)
     momentum: float = param(0.9, low=0, high=1, high_open=True)
     weight_decay: float = param(1e-4, low=0)
     nesterov: bool = False

@@ -102,11 +102,26 @@ def test_given_checkpoint_is_used_and_measured(tiny, tmp_path):
     assert info["source"] == "checkpoint" and info["checkpoint"] == str(path) and info["val_images"] == 8
 
 
-def test_diverging_run_is_recorded_as_failed(tiny):
-    cfg = load_config(tiny("optim.lr=1e30", "budget.iterations=6"))
+def test_diverging_run_is_recorded_as_failed(tiny, monkeypatch):
+    """The loss turns infinite at the third step (an absurd learning rate is refused by the config
+    now, so the divergence is injected): the run ends there as failed, with the reason, and is stored."""
+    import harness.engine.loop as loop
+
+    real, calls = loop.task_terms, []
+
+    def exploding(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:
+            terms["ce"] = terms["ce"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(loop, "task_terms", exploding)
+    cfg = load_config(tiny("budget.iterations=6"))
     record = run(cfg).record
     store_record(cfg, record)
-    assert record["status"] == "failed" and "loss became" in record["failure_reason"]
+    assert record["status"] == "failed" and record["failure_reason"] == "loss became inf at iteration 2"
+    assert record["iterations"] == 2
     assert ResultsStore(cfg["store"]["url"]).get(record["run_id"])["status"] == "failed"
 
 
