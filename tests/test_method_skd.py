@@ -418,12 +418,33 @@ def test_hinge_step_loss_and_update():
     ref.load_state_dict(m.state_dict())
     before = {k: v.clone() for k, v in m.named_parameters()}
     logs = m.extra_step(student, teacher, batch, Progress(0, 4))
-    d_real, d_fake = ref.discriminator(teacher.logits), ref.discriminator(student.logits.detach())
+    d_fake = ref.discriminator(student.logits.detach())  # the references' order: the student's map first
+    d_real = ref.discriminator(teacher.logits)
     reals, fakes = d_real.flatten().tolist(), d_fake.flatten().tolist()
     hinge = sum(max(0.0, 1 - x) for x in reals) / len(reals) + sum(max(0.0, 1 + x) for x in fakes) / len(fakes)
     assert logs["d_loss"] == pytest.approx(0.1 * hinge, rel=1e-10) and "gp" not in logs
     changed = [k for k, p in m.named_parameters() if not torch.equal(p, before[k])]
     assert "discriminator.convs.0.weight_bar" in changed and "discriminator.attn1.gamma" in changed
+
+
+def test_discriminator_step_calls_d_on_the_student_map_first_as_the_references():
+    """CIRKD train_kd.py and IFVD kd_model.py call D on the student's map, then the teacher's. Each call
+    advances the spectral norm's power iteration, so the order changes both outputs on a fresh D: a
+    replay in the references' order matches the step's logs, the reverse order does not."""
+    m = method()
+    student, teacher, batch = outputs()
+    in_order, reversed_ = method(), method()
+    in_order.load_state_dict(m.state_dict())
+    reversed_.load_state_dict(m.state_dict())
+    logs = m.extra_step(student, teacher, batch, Progress(0, 4))
+    fake, real = student.logits.detach(), teacher.logits
+    d_fake = in_order.discriminator(fake)
+    d_real = in_order.discriminator(real)
+    assert logs["d_fake"] == pytest.approx(float(d_fake.detach().mean()), rel=1e-12)
+    assert logs["d_real"] == pytest.approx(float(d_real.detach().mean()), rel=1e-12)
+    r_real = reversed_.discriminator(real)
+    r_fake = reversed_.discriminator(fake)
+    assert abs(float(r_real.detach().mean()) - logs["d_real"]) > 1e-6 and abs(float(r_fake.detach().mean()) - logs["d_fake"]) > 1e-6
 
 
 def test_wgan_gp_step_replays_alpha_from_the_generator():
@@ -435,7 +456,8 @@ def test_wgan_gp_step_replays_alpha_from_the_generator():
     replay.set_state(m.ctx.generator.get_state())
     logs = m.extra_step(student, teacher, batch, Progress(0, 4))
     real, fake = teacher.logits, student.logits.detach()
-    d_real, d_fake = ref.discriminator(real), ref.discriminator(fake)  # same call order: u, v advance alike
+    d_fake = ref.discriminator(fake)  # same call order (student first): u, v advance alike
+    d_real = ref.discriminator(real)
     alpha = torch.rand(2, 1, 1, 1, generator=replay).double()
     gp = gradient_penalty(ref.discriminator, real, fake, alpha)
     expected = 0.1 * (-d_real.mean() + d_fake.mean()) + 0.1 * 10.0 * gp

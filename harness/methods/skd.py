@@ -383,7 +383,10 @@ class SKD(Method):
         fake = student.logits.detach()
         real = resized_like(teacher.logits.detach(), fake)
         opt.zero_grad(set_to_none=True)  # drops what the student's backward put into D
-        d_real, d_fake = d(real), d(fake)
+        # the student's map first, as the references (CIRKD train_kd.py, IFVD kd_model.py): each call
+        # advances the spectral norm's power iteration, so the order decides which map gets which sigma
+        d_fake = d(fake)
+        d_real = d(real)
         logs = {"d_real": float(d_real.detach().mean()), "d_fake": float(d_fake.detach().mean())}
         scale = float(c["d_loss_scale"])
         if c["adversarial"] == "hinge":
