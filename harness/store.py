@@ -221,13 +221,25 @@ class ResultsStore:
             self.engine = sa.create_engine(self.url, **kwargs)
             if self.is_sqlite:
                 self._install_sqlite_events(self.engine, readonly)
-            self._check_is_harness_database()
+            self._retry_locked(self._check_is_harness_database)
             if not readonly:
                 self._ensure_schema()
         except StoreError:
             raise
         except (sa.exc.SQLAlchemyError, OSError, ImportError, ValueError, RuntimeError) as exc:
             raise StoreError(_explain(self.url, exc)) from None
+
+    @staticmethod
+    def _retry_locked(check, attempts: int = 8) -> None:
+        """Run `check`, again after a short wait while another process holds SQLite's lock to switch the
+        journal mode or create the schema (processes opening a new database together)."""
+        for attempt in range(attempts):
+            try:
+                return check()
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def _check_is_harness_database(self) -> None:
         """A harness database, or (for writing) an empty one; never someone else's tables."""
