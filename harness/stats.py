@@ -372,6 +372,8 @@ def compare_seeds(a, b, level: float = 0.95, alpha: float = ALPHA, family_size: 
         out.diffs = [float(x) for x in d]
         out.lift = float(d.mean())
         out.sd = float(d.std(ddof=1))
+        if float(np.ptp(d)) <= 1e-12:   # equal differences up to float rounding of the stored values
+            out.sd = 0.0
         only = sorted((set(va) | set(vb)) - set(common))
         if only:
             out.notes.append(f"paired on the {len(common)} seeds both arms completed; seed(s) "
