@@ -5,6 +5,15 @@ the cloud metadata address 169.254.169.254 unless `~/ray_bootstrap_config.yaml` 
 the duration of `ray.init` HOME points at a folder of ours holding an empty one; usage stats are
 off. `RAY_CHDIR_TO_TRIAL_DIR=0` keeps trials in the driver's working directory (all our paths are
 absolute anyway). An unreachable `ray.address` is a ConfigError found before anything is written.
+
+Loopback only: Ray binds each of its servers (GCS, raylet, every worker's and the driver's gRPC
+server, runtime-env and dashboard agents, the autoscaler's metrics port) to loopback only when the
+node's IP *is* 127.0.0.1, and to all interfaces (or the external address) otherwise. But
+`ray.init(_node_ip_address="127.0.0.1")` alone does not get there: Ray replaces a loopback node IP
+with the machine's external address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (the flag Ray
+uses on laptops), so for the duration of `ray.init` that flag is set, in the environment (read by
+Ray's processes at import) and in the already-imported constant (read by this process).
+`tests/test_ray_network.py` lists every listening socket of the session and checks it.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ RAY_ENV = {
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
     "CODECARBON_LOG_LEVEL": "error",
 }
+# A local Ray only: with it Ray keeps the node IP 127.0.0.1, and so binds every server to loopback.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def check_address(address: str, timeout: float = 3.0) -> None:
@@ -53,26 +64,51 @@ def quiet_home(results_dir: str) -> Path:
     return home
 
 
+def local_temp_dir(results_dir: str) -> str:
+    """The local Ray's temp dir (sessions, logs, sockets); short: unix socket paths stay < 108 chars."""
+    return f"/tmp/hray-{hashlib.sha1(str(results_dir).encode()).hexdigest()[:8]}"
+
+
 def start_local(num_cpus: Optional[int], results_dir: str, num_gpus: Optional[float] = None) -> None:
     """A local Ray whose processes cannot probe the cloud metadata address."""
     import ray
 
     os.environ.update(RAY_ENV)
     home = quiet_home(results_dir)
-    # short: unix socket paths under it must stay below 108 characters
-    temp = f"/tmp/hray-{hashlib.sha1(str(results_dir).encode()).hexdigest()[:8]}"
-    saved = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
-    try:
-        kwargs = {"num_gpus": num_gpus} if num_gpus is not None else {}
+    temp = local_temp_dir(results_dir)
+    kwargs = {"num_gpus": num_gpus} if num_gpus is not None else {}
+    with _environ(HOME=str(home), **LOOPBACK_ENV), _loopback_node_ip():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp,
-                 _node_ip_address="127.0.0.1",  # loopback only
+                 _node_ip_address="127.0.0.1",
                  log_to_driver=os.environ.get("HARNESS_RAY_LOGS") == "1", configure_logging=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the block (Ray's processes inherit them), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        if saved is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Ray's node-IP lookup answers loopback in this process (ray may have been imported before)."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextlib.contextmanager
