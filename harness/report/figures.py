@@ -22,6 +22,8 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
 * ``pareto_<block>.png`` -- val mIoU against training energy per run (kWh, log scale) of each arm
   and of the teacher, the Pareto front (no other point has both more mIoU and less energy) drawn as
   a line; arms without energy are named in the figure, never drawn at zero.
+* ``tuning_<block>.png`` -- expected best tune mIoU against the number of tuning trials, every arm
+  of the block (Dodge et al. 2019 with Tang et al. 2020's unbiased estimator; `harness.report.tuning`).
 * ``entropy_<teacher>.png`` -- paper 003 Figure 1: share of pixels per Shannon entropy (nats,
   0 .. ln K) of the teacher's softmax(z / tau) for tau in 1, 2, 4, 8, 16, as measured by
   `harness.measure.entropy` (the first val images, every pixel; the teacher from the cache only).
@@ -39,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness.report.blocks import MISSING, STUDENT_ONLY, Block, budget_of, method_label, protocol_of, source_lines
 from harness.report.energy import run_energy, teacher_runs
+from harness.report.tuning import expected_best_figures
 from harness.sweep.protocol import PLACEHOLDERS, load_protocol, parse_stage_name
 
 Output = Tuple[Optional[Path], str]  # (file written or None, what it shows / why it is missing)
@@ -446,6 +449,7 @@ def write_figures(store, cfg: dict, blocks: Sequence[Block], entropies: Sequence
     outputs += response_curves(store, out_dir, filters)
     outputs += seed_distributions(store, blocks, out_dir)
     outputs += pareto(store, blocks, out_dir)
+    outputs += expected_best_figures(store, blocks, out_dir)
     outputs += entropy_histograms(store.url, entropies, out_dir)
     lines = ["# Figures", "", f"Written by `python -m harness report` from {store.url}; every figure states "
              "its source under the plot.", ""]
