@@ -146,8 +146,14 @@ def write_figures(cfg, store, filters, blocks=None) -> None:
     print(f"  index: {Path(cfg['paths']['reports']) / 'figures.md'}")
 
 
+def write_across(cfg, store, filters, blocks=None) -> None:
+    from harness.report import across
+
+    across.write(cfg, store, filters, _blocks(store, filters, blocks))
+
+
 REPORT_PARTS = {"leaderboard": write_leaderboard, "significance": write_significance,
-                "literature": write_literature, "energy": write_energy}
+                "literature": write_literature, "energy": write_energy, "across": write_across}
 
 
 def report_all(cfg, store, filters) -> int:
@@ -193,6 +199,7 @@ def cmd_literature(overrides: List[str]) -> int:  # the published numbers need n
 cmd_significance = _report_command(write_significance)
 cmd_leaderboard = _report_command(write_leaderboard)
 cmd_energy = _report_command(write_energy)
+cmd_across = _report_command(write_across)
 
 
 def cmd_report(overrides: List[str]) -> int:
@@ -242,6 +249,9 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
                                        "report.min_seeds marked"),
     "literature": (cmd_literature, "results/literature.md: published student-only and distilled mIoU (paper 003 "
                                    "Table 1, the seed papers' tables) next to our tuned lift and the lift inflation"),
+    "across": (cmd_across, "reports/across.md: each method over blocks: gap closed (distilled - student) / (teacher "
+                           "- student), its interquartile mean with a stratified bootstrap CI, Friedman + Nemenyi "
+                           "critical difference and reports/cd_diagram.png (>= 3 blocks); filters as leaderboard"),
 }
 
 
