@@ -3,6 +3,10 @@
 The plan is computed by the same code the runner uses (`prepare`, `stage_runs`), so
 the stages, search spaces, trial counts and resources printed are the ones a real run would use.
 Trials already in the results database are not subtracted (the plan is of the whole protocol).
+The tuning budget per arm is the upper bound (every trial to its last iteration); the student-only
+arm's growing stage is shown at the distilled arm's trial count, the least it grows to (it also
+grows until its iterations reach the distilled arm's, so it may run more when the distilled arm's
+trials are pruned less than its own).
 
 Cost estimate. Training FLOPs of one iteration = batch x (3 x student forward [forward + backward]
 + teacher forward [distilled arm]); evaluation FLOPs = evaluations x images x student forward at
@@ -23,7 +27,8 @@ import torch
 
 from harness.config import methods_of
 from harness.sweep.protocol import parse_stage_name
-from harness.sweep.runner import prepare, stage_runs
+from harness.sweep.budget import UNEQUAL
+from harness.sweep.runner import first_cut, prepare, stage_runs
 
 
 def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -43,10 +48,36 @@ def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 stages.append({**common, "stage": stage.name, "space": {}, "trials": 0,
                                "note": "nothing to search for this arm; winners carried over"})
             for unit in runs:
-                stages.append({**common, "stage": unit.name, "space": unit.space,
-                               "trials": len(unit.points) if unit.points else unit.trials,
-                               "early_stopping": stage.early_stopping, "note": ""})
-    return {"protocol": protocol.name, "arm_ids": ids, "stages": stages}
+                trials = len(unit.points) if unit.points else unit.trials
+                stages.append({**common, "stage": unit.name, "space": unit.space, "trials": trials,
+                               "early_stopping": stage.early_stopping, "prunes": stage.prunes,
+                               "min_completed": protocol.min_completed(trials) if stage.prunes else None,
+                               "grow": stage.grow and arm == "student-only", "note": ""})
+    return {"protocol": protocol.name, "arm_ids": ids, "stages": stages,
+            "budgets": planned_budgets(cfg, protocol, stages)}
+
+
+def planned_budgets(cfg: Dict[str, Any], protocol, stages: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per arm: the search trials the plan runs (combine: at most 1) and the iterations they would run
+    at most; the student-only arm's growing stage raised (in `stages`) to the distilled arm's trials;
+    the first cut; and the unequal-budget mark where a protocol leaves the student-only arm short."""
+    iterations = cfg["budget"]["iterations"]
+    search = [s for s in stages if s["search"] != "rerun"]
+    total = {arm: sum(s["trials"] for s in search if s["arm"] == arm) for arm in ("student-only", "distilled")}
+    grown = next((s for s in search if s.get("grow")), None)
+    if grown is not None and total["student-only"] < total["distilled"]:
+        grown["note"] = (f"grows from the protocol's {grown['trials']} until the arm's trials and iterations reach "
+                         f"the distilled arm's (a longer stored sequence is reused)")
+        grown["trials"] += total["distilled"] - total["student-only"]
+        if grown["min_completed"] is not None:
+            grown["min_completed"] = protocol.min_completed(grown["trials"])
+        total["student-only"] = total["distilled"]
+    budgets = {arm: {"trials": n, "max_iterations": n * iterations, "first_cut": first_cut(cfg, protocol, arm)}
+               for arm, n in total.items()}
+    short = total["student-only"] < total["distilled"]
+    budgets["unequal"] = (f"{UNEQUAL}: student-only {total['student-only']} trials, distilled {total['distilled']} "
+                          f"trials (this protocol has no grow: true stage)") if short else None
+    return budgets
 
 
 def forward_flops(model_cfg: Dict[str, Any], num_classes: int, size, batch: int = 1) -> float:
@@ -152,6 +183,17 @@ def describe(cfg: Dict[str, Any]) -> str:
     for r in e["rows"]:
         lines.append(f"  {r['stage']:<{width}} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
                      f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
+    lines += ["", "  tuning budget per arm (upper bound: every trial to its last iteration):"]
+    for arm in ("distilled", "student-only"):
+        bud = p["budgets"][arm]
+        cut = bud["first_cut"]
+        pruned = [r for r in p["stages"] if r["arm"] == arm and r.get("prunes")]
+        rule = (f"early stopping from evaluation {cut['evaluation']} (iteration {cut['iteration']}), keeping >= "
+                + ", ".join(f"{r['min_completed']} of {r['trials']} ({r['stage']})" for r in pruned)
+                if pruned and cut else "every trial to the end")
+        lines.append(f"    {arm:<13} {bud['trials']:>4} trials, <= {bud['max_iterations']} iterations; {rule}")
+    if p["budgets"]["unequal"]:
+        lines.append(f"    {p['budgets']['unequal']}")
     trials = sum(r["trials"] for r in e["rows"])
     unknown = sorted({parse_stage_name(r["stage"])[0] for r in e["rows"] if r["trials"] and not r["eval_images"]})
     lines += ["", f"  {trials} trials in all (upper bound: ASHA stops some early), "

@@ -5,10 +5,19 @@ A stage names its arms, its search (`tpe` over distributions, `grid` over explic
 its trial budget, its early stopping and the stages whose winners it inherits. `$temperatures`
 and `$weights` expand to the selected methods' config paths, so one protocol serves every method.
 Everything is checked before any work starts; a bad protocol raises ConfigError (exit 2).
+
+Early stopping (`asha:` at the top, `early_stopping: asha` on a stage): Ray's ASHA, guarded so that
+it cannot starve an arm (`runner.GuardedASHA`): every pruned stage of every arm ends with at least
+`min_completed` trials not pruned (null: half its trials, at least 3, at most all of them); the
+first pruning decision is at the first evaluation at or after `min_fraction` of training and after
+the end of every selected method's warm-up. Grid stages run at full fidelity unless they say
+`early_stopping: asha` together with `full_fidelity: false`. `grow: true` marks the student-only
+arm's TPE stage that grows until the arm's tuning budget reaches the distilled arm's (budget.py).
 """
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,6 +33,9 @@ RERUN = "rerun"  # the search kind of the stage whose rows are the evidence (fre
 SEARCHES = ("tpe", "grid", "combine", RERUN)
 PLACEHOLDERS = {"$temperatures": "temperature", "$weights": "weight"}  # -> the methods' settings of that kind
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "grid_scale")
+# asha: grace_period (evaluations), reduction_factor, min_fraction (of training before the first cut;
+# provisional until the fidelity-bias benchmark measures it), min_completed (null: the default rule)
+ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2, "min_fraction": 0.5, "min_completed": None}
 
 
 @dataclass
@@ -38,6 +50,14 @@ class Stage:
     each: bool = False                   # one sub-stage per expanded path
     seeds: Optional[int] = None          # reruns
     split: str = "tune"
+    full_fidelity: Optional[bool] = None  # grid stages: pruned only with early_stopping: asha + full_fidelity: false
+    grow: bool = False                   # the student-only arm's growing TPE sequence (budget parity)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether early stopping may stop this stage's trials: asha, and not a full-fidelity grid."""
+        return self.early_stopping == "asha" and self.full_fidelity is not True and (
+            self.search != "grid" or self.full_fidelity is False)
 
 
 @dataclass
@@ -46,9 +66,22 @@ class Protocol:
     metric: str
     sampler_seed: int
     tpe_startup_trials: int
-    asha: Dict[str, int]
+    asha: Dict[str, Any]                 # ASHA_DEFAULTS, as the protocol sets them
     stages: List[Stage]
     raw: Dict[str, Any]
+
+    def min_completed(self, trials: int) -> int:
+        """Trials of a pruned stage (of one arm) that pruning must leave: `asha.min_completed`, or by
+        default half the stage's trials, at least 3; never more than its trials."""
+        wanted = self.asha["min_completed"]
+        if wanted is None:
+            wanted = max(3, math.ceil(trials / 2))
+        return min(trials, int(wanted))
+
+    @property
+    def grow_stage(self) -> Optional[Stage]:
+        """The student-only arm's growing stage (`grow: true`), if the protocol has one."""
+        return next((s for s in self.stages if s.grow), None)
 
 
 def sub_stage_name(stage: str, path: str) -> str:
@@ -99,15 +132,63 @@ def parse_protocol(raw: Dict[str, Any], where: str = "protocol") -> Protocol:
     stages: List[Stage] = []
     for i, s in enumerate(stages_raw):
         stages.append(_parse_stage(s, f"{where}, stage {i + 1}", [st.name for st in stages]))
-    asha = {"grace_period": 1, "reduction_factor": 2, **(raw.get("asha") or {})}
+    asha = _parse_asha(raw.get("asha"), f"{where}, asha")
+    _check_parity(stages, where)
     return Protocol(name=raw.get("name", Path(where).stem), metric="miou",
                     sampler_seed=int(raw.get("sampler_seed", 0)),
                     tpe_startup_trials=int(raw.get("tpe_startup_trials", 3)),
                     asha=asha, stages=stages, raw=raw)
 
 
+def _parse_asha(raw: Any, where: str) -> Dict[str, Any]:
+    raw = {} if raw is None else raw
+    _no_unknown(raw, set(ASHA_DEFAULTS), where)
+    asha = {**ASHA_DEFAULTS, **raw}
+    g, rf, frac, mc = (asha[k] for k in ("grace_period", "reduction_factor", "min_fraction", "min_completed"))
+    if not _is_int(g) or g < 1:
+        raise ConfigError(f"{where}: grace_period must be a whole number of evaluations >= 1, got {g!r}")
+    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf > 1:
+        raise ConfigError(f"{where}: reduction_factor must be a number > 1, got {rf!r}")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+        raise ConfigError(f"{where}: min_fraction must be a fraction of training in [0, 1], got {frac!r}")
+    if mc is not None and (not _is_int(mc) or mc < 1):
+        raise ConfigError(f"{where}: min_completed must be a whole number of trials >= 1, or null for the "
+                          f"default (half the stage's trials, at least 3), got {mc!r}")
+    return asha
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_parity(stages: List[Stage], where: str) -> None:
+    """`grow` on at most one stage: a tpe stage of the student-only arm, its last search stage (growing
+    it changes only the student's final winner, never a later stage's inheritance); and no stage
+    inherits from reruns (reruns run after every search stage)."""
+    grown = [s for s in stages if s.grow]
+    if len(grown) > 1:
+        raise ConfigError(f"{where}: grow: true on {len(grown)} stages ({', '.join(s.name for s in grown)}); "
+                          f"the student-only arm grows one TPE sequence")
+    if grown:
+        g = grown[0]
+        if g.search != "tpe" or "student-only" not in g.arms or g.each:
+            raise ConfigError(f"{where}, stage '{g.name}': grow: true needs a tpe stage of the student-only arm, "
+                              f"without each (it continues the arm's TPE sequence until its budget reaches the distilled arm's)")
+        later = [s.name for s in stages[stages.index(g) + 1:] if s.search != RERUN and "student-only" in s.arms]
+        if later:
+            raise ConfigError(f"{where}, stage '{g.name}': grow: true must be on the student-only arm's last search "
+                              f"stage, but {', '.join(later)} come(s) after it")
+    reruns = {s.name for s in stages if s.search == RERUN}
+    for s in stages:
+        bad = [p for p in s.inherits if p in reruns]
+        if bad:
+            raise ConfigError(f"{where}, stage '{s.name}' inherits from the rerun stage(s) {', '.join(bad)}; "
+                              f"reruns run after every search stage and choose nothing")
+
+
 def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
-    known = {"name", "arms", "search", "space", "trials", "inherits", "early_stopping", "each", "seeds", "split"}
+    known = {"name", "arms", "search", "space", "trials", "inherits", "early_stopping", "each", "seeds", "split",
+             "full_fidelity", "grow"}
     _no_unknown(s, known, where)
     name = s.get("name")
     if not name:
@@ -126,7 +207,16 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
     stage = Stage(name=name, arms=arms, search=s.get("search", RERUN if s.get("seeds") else ""),
                   space=dict(s.get("space") or {}), trials=s.get("trials"), inherits=list(s.get("inherits") or []),
                   early_stopping=s.get("early_stopping"), each=bool(s.get("each", False)),
-                  seeds=s.get("seeds"), split=s.get("split", "val" if s.get("seeds") else "tune"))
+                  seeds=s.get("seeds"), split=s.get("split", "val" if s.get("seeds") else "tune"),
+                  full_fidelity=s.get("full_fidelity"), grow=s.get("grow", False))
+    for key in ("full_fidelity", "grow"):
+        if key in s and not isinstance(s[key], bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {s[key]!r}")
+    if stage.search in (RERUN, "combine"):
+        extra = [k for k in ("early_stopping", "full_fidelity", "grow") if k in s]
+        if extra:
+            raise ConfigError(f"{where}: a {stage.search} stage runs whole trials and grows nothing; remove "
+                              f"{', '.join(extra)}")
     if stage.search == RERUN:
         if not isinstance(stage.seeds, int) or stage.seeds < 1:
             raise ConfigError(f"{where}: seeds must be a positive integer")
@@ -138,6 +228,14 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
         raise ConfigError(f"{where}: search stages choose on the tune split; only reruns report on val")
     if stage.early_stopping not in (None, "asha"):
         raise ConfigError(f"{where}: early_stopping must be asha or absent, got '{stage.early_stopping}'")
+    if stage.full_fidelity is not None and stage.early_stopping != "asha":
+        raise ConfigError(f"{where}: full_fidelity only qualifies early_stopping: asha (without early stopping "
+                          f"every trial runs to the end)")
+    if stage.early_stopping == "asha" and stage.full_fidelity is True:
+        raise ConfigError(f"{where}: early_stopping: asha with full_fidelity: true contradicts itself; remove one")
+    if stage.search == "grid" and stage.early_stopping == "asha" and stage.full_fidelity is not False:
+        raise ConfigError(f"{where}: a grid stage runs at full fidelity (every point to the end); to prune it, say "
+                          f"early_stopping: asha together with full_fidelity: false, or remove early_stopping")
     if stage.search == "combine":
         if not stage.inherits:
             raise ConfigError(f"{where}: a combine stage combines the winners of the stages it inherits")

@@ -1,10 +1,12 @@
 """Run a tuning protocol for both arms of a comparison, stage by stage.
 
-    for each stage, for each of its arms:
+    distilled arm, each search stage; then student-only arm, each search stage; then reruns:
         params inherited = winners of the stages it inherits (lineage: which stage chose what)
         done   = rows of (arm, stage) already in the results database   -> resume and reuse
-        run the missing trials as one Ray Tune experiment (OptunaSearch/TPE or a grid, ASHA)
+        run the missing trials as one Ray Tune experiment (OptunaSearch/TPE or a grid, guarded ASHA)
         winner = the best completed trial on the tune split (failed/pruned trials never win)
+    student-only `grow` stage: its TPE sequence continues until the arm's tuning budget (trials and
+        iterations) reaches the distilled arm's; the comparison uses its first N trials (budget.py)
 
 The database is the source of truth: a sweep killed in the middle of a stage and started again
 sees its finished trials there (they are not re-run; the TPE sampler is told their results), and
@@ -25,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.config import methods_of, stable_hash
 from harness.errors import ConfigError
 from harness.store import ResultsStore
+from harness.sweep.budget import (Budget, arm_budget, at_least, growth_step, rank_agreement, sequence_order,
+                                  unequal)
 from harness.sweep.protocol import (RERUN, Protocol, Stage, check_paths, expand_space, load_protocol,
                                     parse_stage_name, sub_stage_name)
 from harness.sweep.trial import SEARCH_KEY, TrialSpec, trainable
@@ -42,6 +46,7 @@ class Winner:
     miou: Optional[float]
     lineage: Dict[str, str] = field(default_factory=dict)  # path -> stage that chose its value
     best_single: Optional["Winner"] = None  # `each` stages: the best sub-stage, for `combine`
+    run_id: Optional[str] = None            # the row that won (search stages)
 
 
 @dataclass
@@ -57,15 +62,26 @@ class StageRun:
     space: Dict[str, Dict[str, Any]]
     points: List[Dict[str, Any]]    # grid / combine / rerun candidates
     trials: int                     # tpe: trials to run (points: one per point)
+    extra: Dict[str, Any] = field(default_factory=dict)  # what its rows keep besides the stage (extra_json)
 
     def spec(self, sweep: "Sweep") -> TrialSpec:
         s = sweep.cfg["sweep"]
+        extra = dict(self.extra)
+        if self.stage.search != RERUN:
+            cut = sweep.cuts.get(self.arm)
+            extra["first_cut"] = {**cut, "pruning": self.stage.prunes} if cut else None
         return TrialSpec(base=self.base, fixed=self.fixed, arm_id=self.arm_id, stage=self.name,
                          stage_kind=self.stage.search, split=self.stage.split,
                          threads=max(1, int(s["cpus_per_trial"])), collapse_fraction=s["collapse_fraction"],
                          command=sweep.command,
                          gpu_share=s["gpus_per_trial"] if 0 < s["gpus_per_trial"] < 1 else None,
-                         param_kinds=param_kinds([*self.fixed, *self.space, *(k for p in self.points for k in p)]))
+                         param_kinds=param_kinds([*self.fixed, *self.space, *(k for p in self.points for k in p)]),
+                         extra_fields=extra)
+
+    def full(self, point: Dict[str, Any]) -> Dict[str, Any]:
+        """The whole parameter set of one of its points (inherited winners included): a stored row is
+        this point's only if its parameters are these (a rerun of another winner is another row)."""
+        return {**self.fixed, **point}
 
 
 @dataclass
@@ -76,6 +92,12 @@ class Sweep:
     ids: Dict[str, str]             # arm -> arm id
     store: ResultsStore
     command: str = ""
+    cuts: Dict[str, Optional[Dict[str, int]]] = field(default_factory=dict)  # arm -> first cut (first_cut)
+    tuning: Dict[str, Dict[str, List[Dict[str, Any]]]] = field(default_factory=dict)  # arm -> unit -> counted rows
+
+    def budget(self, arm: str) -> Budget:
+        """The arm's tuning budget so far: the rows its winners were chosen from."""
+        return arm_budget(r for rows in self.tuning.get(arm, {}).values() for r in rows)
 
 
 def param_kinds(paths) -> Dict[str, str]:
@@ -86,12 +108,58 @@ def param_kinds(paths) -> Dict[str, str]:
 
 
 def arm_ids(cfg: Dict[str, Any], protocol: Protocol) -> Dict[str, str]:
+    """Arm ids: what defines an arm's rows. The student-only arm's is keyed by what its trials depend
+    on (data, student, budget, optimiser, seed, and the protocol's parts that concern it: its stages,
+    sampler, early stopping); not by the distilled arm's stages, nor by how far its sequence has grown,
+    so every comparison on the same key grows one sequence."""
     common = {k: cfg[k] for k in ("dataset", "student", "budget", "optim", "seed", "train_split")}
+    student = stable_hash({**common, "protocol": student_protocol(protocol)})
     common["protocol"] = protocol.raw
-    student = stable_hash(common)
     distilled = stable_hash({**common, "teacher": cfg["teacher"], "method": cfg["method"]})
     return {"student-only": f"student-only:{student}",
             "distilled": f"distilled:{'+'.join(methods_of(cfg))}:{distilled}"}
+
+
+def student_protocol(protocol: Protocol) -> Dict[str, Any]:
+    """The part of the protocol the student-only arm's rows depend on."""
+    raw = protocol.raw
+    return {"metric": raw.get("metric", "miou"), "sampler_seed": raw.get("sampler_seed", 0),
+            "tpe_startup_trials": raw.get("tpe_startup_trials", 3), "asha": protocol.asha,
+            "stages": [s for s in raw.get("stages") or [] if "student-only" in (s.get("arms") or [])]}
+
+
+def warmup_end(cfg: Dict[str, Any]) -> int:
+    """The last iteration of the longest warm-up among the selected methods (0: none): a method setting
+    named `*warmup_fraction*` is a fraction of training, `*warmup_iter*` a number of iterations
+    (heteroakd.warmup_fraction is the only one today)."""
+    iterations, end = cfg["budget"]["iterations"], 0
+    for settings in (cfg.get("method") or {}).values():
+        for key, value in (settings or {}).items():
+            if "warmup" not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if "fraction" in key:
+                end = max(end, math.ceil(value * iterations))
+            elif "iter" in key:
+                end = max(end, int(value))
+    return end
+
+
+def first_cut(cfg: Dict[str, Any], protocol: Protocol, arm: str) -> Optional[Dict[str, int]]:
+    """The first evaluation at which early stopping may stop an arm's trial: not before the protocol's
+    `asha.grace_period` evaluations, not before `asha.min_fraction` of training, and after the end of
+    every selected method's warm-up (a cut at the very end of a warm-up would judge a run that has not
+    distilled yet). None when only the last evaluation is left (then nothing is pruned).
+    {"evaluation": k (1-based), "iteration": its iteration}."""
+    b = cfg["budget"]
+    iterations, every = b["iterations"], b["eval_interval"]
+    evaluations = math.ceil(iterations / every)
+    floor = protocol.asha["min_fraction"] * iterations
+    warm = warmup_end(arm_config(cfg, arm))
+    for k in range(1, evaluations):  # the last evaluation is the end of training: no cut there
+        it = min(k * every, iterations)
+        if k >= protocol.asha["grace_period"] and it >= floor and it > warm:
+            return {"evaluation": k, "iteration": it}
+    return None
 
 
 def arm_config(cfg: Dict[str, Any], arm: str) -> Dict[str, Any]:
@@ -129,17 +197,56 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
     if any("distilled" in s.arms for s in protocol.stages):  # trained once, before any trial
         teacher_for(cfg, command)
 
-    sweep = Sweep(cfg, protocol, ids, store, command)
+    sweep = Sweep(cfg, protocol, ids, store, command, cuts={arm: first_cut(cfg, protocol, arm) for arm in ids})
     winners: Dict[Tuple[str, str], Winner] = {}
     started = time.time()
+    searches = [s for s in protocol.stages if s.search != RERUN]
     with ray_session(cfg["sweep"]["ray"]["address"], cfg["sweep"]["ray"]["num_cpus"], cfg["paths"]["results"]):
+        # the distilled arm first: the student-only arm grows to its budget (protocol.grow_stage)
+        for arm in ("distilled", "student-only"):
+            for stage in searches:
+                if arm in stage.arms:
+                    winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners)
+        comparison = compare(sweep, winners)
         for stage in protocol.stages:
-            for arm in stage.arms:
-                winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners)
-    return final_summary(sweep, winners, time.time() - started)
+            if stage.search == RERUN:
+                for arm in stage.arms:
+                    winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners, comparison["extra"][arm])
+    return final_summary(sweep, winners, time.time() - started, comparison)
 
 
-def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner]) -> Winner:
+def compare(sweep: Sweep, winners: Dict[Tuple[str, str], Winner]) -> Dict[str, Any]:
+    """Both arms' tuning budgets once every search stage has run, the unequal-budget mark, the rank
+    agreement of every search stage, and what each arm's rerun rows record of them (extra_json):
+
+    - distilled reruns: `student_arm` {arm_id, trials (N: the student's first N trials of its growing
+      stage), stage, iterations, kwh, winner_run_id}, `tuning_budget` {arm: Budget dict},
+      `unequal_tuning_budget` (None or the mark with both numbers), `rank_agreement` {arm: {stage: ...}};
+    - student-only reruns: `winner_run_id`, `tuned_trials` (N), and the same three.
+    """
+    budgets = {arm: sweep.budget(arm) for arm in ("student-only", "distilled")}
+    mark = unequal(budgets["student-only"], budgets["distilled"]) if sweep.tuning.get("distilled") else None
+    grow = sweep.protocol.grow_stage
+    student_rows = sweep.tuning.get("student-only", {})
+    n = len(student_rows.get(grow.name, [])) if grow is not None else sum(len(r) for r in student_rows.values())
+    last = [s.name for s in sweep.protocol.stages if s.search != RERUN and "student-only" in s.arms]
+    student_winner = winners.get(("student-only", last[-1])) if last else None
+    agreement = {arm: {unit: rank_agreement(rows, (sweep.cuts.get(arm) or {}).get("iteration"))
+                       for unit, rows in units.items()}
+                 for arm, units in sweep.tuning.items()}
+    common = {"tuning_budget": {a: b.as_dict() for a, b in budgets.items()}, "unequal_tuning_budget": mark,
+              "rank_agreement": agreement}
+    winner_id = student_winner.run_id if student_winner else None
+    student_arm = {"arm_id": sweep.ids["student-only"], "trials": n, "stage": grow.name if grow else None,
+                   "iterations": budgets["student-only"].iterations, "kwh": budgets["student-only"].kwh,
+                   "winner_run_id": winner_id}
+    return {"budgets": budgets, "unequal": mark, "student_arm": student_arm, "rank_agreement": agreement,
+            "extra": {"distilled": {**common, "student_arm": student_arm},
+                      "student-only": {**common, "winner_run_id": winner_id, "tuned_trials": n}}}
+
+
+def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner],
+              extra: Optional[Dict[str, Any]] = None) -> Winner:
     fixed, lineage = {}, {}
     parents = [winners[(arm, p)] for p in stage.inherits if (arm, p) in winners]  # others: not this arm's
     for parent in parents:
@@ -155,7 +262,12 @@ def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str
             say(f"[{stage.name}] {arm}: nothing to search for {'+'.join(methods_of(sweep.cfg))} (no matching "
                 f"parameters), winners carried over")
             return Winner(fixed, None, lineage)
-        results = [run_unit(sweep, r) for r in runs]
+        for r in runs:
+            r.extra = dict(extra or {})
+        if stage.grow and arm == "student-only":
+            results = [grow_unit(sweep, r) for r in runs]
+        else:
+            results = [run_unit(sweep, r) for r in runs]
         result = merge_each(stage, results, fixed, lineage) if stage.each else results[0]
     stage_summary(sweep, stage, arm, result, time.time() - started)
     return result
@@ -195,7 +307,13 @@ def trial_points(cfg: Dict[str, Any], stage: Stage, space: Dict[str, Dict[str, A
 
 
 def run_unit(sweep: Sweep, unit: StageRun) -> Winner:
-    """One stage (or sub-stage) of one arm. Two sweeps that share an arm (two methods' sweeps of the
+    """One stage (or sub-stage) of one arm: its winner among the rows it counts."""
+    return pick_winner(unit_rows(sweep, unit), unit)
+
+
+def unit_rows(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[str, Any]]:
+    """Run what is missing of one stage (or sub-stage) of one arm; the rows it counts (`within_budget`),
+    kept in `sweep.tuning` for the budgets. Two sweeps that share an arm (two methods' sweeps of the
     same student, started together) take turns: the second waits for the first, then reuses its rows."""
     from filelock import FileLock
 
@@ -203,45 +321,74 @@ def run_unit(sweep: Sweep, unit: StageRun) -> Winner:
     locks.mkdir(parents=True, exist_ok=True)
     name = stable_hash([unit.arm_id, unit.name], 16)
     with FileLock(str(locks / f"{name}.lock")):
-        rows = _run_unit(sweep, unit)
-    return pick_winner(within_budget(rows, unit), unit)
+        rows = within_budget(_run_unit(sweep, unit, quiet), unit)
+    if unit.stage.search != RERUN:
+        sweep.tuning.setdefault(unit.arm, {})[unit.name] = rows
+    return rows
+
+
+def grow_unit(sweep: Sweep, unit: StageRun) -> Winner:
+    """The student-only arm's growing TPE stage: its sequence (stored order) is continued until the
+    arm's tuning budget, this stage's first N trials plus its other search stages, reaches the
+    distilled arm's in trials and in iterations; N is the smallest such prefix (`budget.parity_prefix`
+    over the stored rows: each step below adds at most the trials still missing). Rows a larger
+    comparison already ran are reused, never run again. If failing trials keep the arm short after
+    3x the distilled arm's trials, it stops there (the comparison is then marked unequal)."""
+    distilled = sweep.budget("distilled")
+    other = [r for name, rows in sweep.tuning.get(unit.arm, {}).items() if name != unit.name for r in rows]
+    per_trial = sweep.cfg["budget"]["iterations"]
+    start = unit.trials
+    cap = max(start, 3 * distilled.started)
+    while True:
+        rows = unit_rows(sweep, unit, quiet=unit.trials != start)
+        mine = arm_budget([*rows, *other])
+        if at_least(mine, distilled) or unit.trials >= cap or len(rows) < unit.trials:
+            break
+        unit.trials = min(cap, unit.trials + growth_step(mine, distilled, per_trial))
+    if unit.trials != start:
+        say(f"[{unit.name}] student-only: its TPE sequence counts {unit.trials} trials here (the protocol's "
+            f"{start}, grown to the distilled arm's budget): {mine.text()}; distilled: {distilled.text()}")
+    return pick_winner(rows, unit)
 
 
 def within_budget(rows: List[Dict[str, Any]], unit: StageRun) -> List[Dict[str, Any]]:
-    """The rows a winner may come from: the first `trials` of a search stage, the first row of each
-    grid point or seed. Extra rows (left by a concurrent sweep of an older version) cannot give
-    one arm more trials than the other."""
-    rows = sorted(rows, key=lambda r: r["created_at"] or "")
+    """The rows a winner may come from: the first `trials` of a search stage in sequence order
+    (`budget.sequence_order`), the first row of each grid point or seed (with the inherited winners:
+    a rerun of another winner is not this one's). Extra rows (left by a concurrent sweep, or a larger
+    comparison's growth of the student-only arm) cannot give one arm more trials than the other."""
+    rows = sequence_order(rows)
     if not unit.points:
         return rows[:unit.trials]
     kept = []
     for point in unit.points:
-        match = next((r for r in rows if _same(point, r["params_json"])), None)
+        match = next((r for r in rows if _same(unit.full(point), r["params_json"])), None)
         if match is not None:
             kept.append(match)
     return kept
 
 
-def _run_unit(sweep: Sweep, unit: StageRun) -> List[Dict[str, Any]]:
+def _run_unit(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[str, Any]]:
     done = [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
     if unit.points:
-        todo = [p for p in unit.points if not any(_same(p, r["params_json"]) for r in done)]
+        todo = [p for p in unit.points if not any(_same(unit.full(p), r["params_json"]) for r in done)]
         total = len(unit.points)
+        have = total - len(todo)
     else:
         todo, total = [], unit.trials
+        have = min(len(done), total)
     remaining = len(todo) if unit.points else max(0, unit.trials - len(done))
-    if done:
+    if have and not (quiet and not remaining):
         verb = "reused" if unit.arm == "student-only" else "resumed"
-        say(f"[{unit.name}] {unit.arm}: {len(done)}/{total} trials already in the database "
-            f"({unit.arm_id}), {verb}; {remaining} to run")
+        more = f" (the arm's sequence holds {len(done)})" if not unit.points and len(done) > total else ""
+        say(f"[{unit.name}] {unit.arm}: {have}/{total} trials already in the database "
+            f"({unit.arm_id}){more}, {verb}; {remaining} to run")
     if remaining:
-        launch(sweep, unit, todo, remaining, done)
+        launch(sweep, unit, todo, remaining, sequence_order(done))
     return [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
 
 
 def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     cfg, protocol = sweep.cfg, sweep.protocol
@@ -260,11 +407,7 @@ def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
         search_alg = OptunaSearch(metric="miou", mode="max", sampler=sampler,
                                   points_to_evaluate=previous or None, evaluated_rewards=rewards or None)
         num_samples = remaining
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="miou", mode="max", max_t=evaluations,
-                               grace_period=protocol.asha["grace_period"],
-                               reduction_factor=protocol.asha["reduction_factor"],
-                               stop_last_trials=False)  # a trial that reaches the end writes its own row
-                 if unit.stage.early_stopping == "asha" else FIFOScheduler())
+    scheduler = guarded_scheduler(sweep, unit, done, evaluations)
     resources = {"cpu": resources_cfg["cpus_per_trial"], "gpu": resources_cfg["gpus_per_trial"]}
     name = f"{unit.arm_id}-{unit.name}-{int(time.time())}".replace(":", "_").replace("[", "_").replace("]", "")
     tuner = tune.Tuner(
@@ -277,6 +420,113 @@ def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
                                   failure_config=tune.FailureConfig(max_failures=resources_cfg["max_failures"]),
                                   callbacks=[RecordCallback(sweep, unit, spec, evaluations)], verbose=0))
     tuner.fit()
+
+
+def guarded_scheduler(sweep: Sweep, unit: StageRun, done: List[Dict[str, Any]], evaluations: int):
+    """The stage's scheduler: FIFO (every trial to the end) unless the stage prunes and its arm has a
+    first cut before the end; then `GuardedASHA` over the stage's whole trial count (its stored rows
+    included: their pruned and failed trials use up the pruning allowance, their mIoU at the rungs is
+    the bar the new trials meet)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    cut = sweep.cuts.get(unit.arm)
+    if not unit.stage.prunes or cut is None:
+        return FIFOScheduler()
+    trials = len(unit.points) if unit.points else unit.trials
+    b = sweep.cfg["budget"]
+    scheduler = GuardedASHA(max_t=evaluations, first_cut=cut["evaluation"],
+                            reduction_factor=sweep.protocol.asha["reduction_factor"], trials=trials,
+                            min_completed=sweep.protocol.min_completed(trials),
+                            pruned=sum(r["status"] == "pruned" for r in done),
+                            failed=sum(r["status"] == "failed" for r in done))
+    scheduler.seed_rungs(done, b["eval_interval"], b["iterations"])
+    return scheduler
+
+
+def _scheduler_base():
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    return AsyncHyperBandScheduler
+
+
+class GuardedASHA(_scheduler_base()):
+    """Ray's ASHA (`AsyncHyperBandScheduler` on `training_iteration` = evaluations, mIoU, max), guarded
+    so that it cannot starve an arm:
+
+    - its first rung is the arm's first cut (`first_cut`: min_fraction of training, after warm-ups);
+      a result at or after the last evaluation is never stopped (the trial ends and stores its own row);
+    - a STOP is turned into CONTINUE when it would leave fewer than `min_completed` of the stage's
+      `trials` unpruned: a trial is stopped only while trials - pruned - failed - 1 >= min_completed
+      (pruned and failed counted over the stage's stored rows and this run). Trials that fail by
+      themselves (a non-finite loss, a collapse, a crash) are not made up for;
+    - a result that says `failed` (a trial ending itself) is neither judged nor recorded at a rung.
+    """
+
+    def __init__(self, *, max_t: int, first_cut: int, reduction_factor: float, trials: int, min_completed: int,
+                 pruned: int = 0, failed: int = 0):
+        super().__init__(time_attr="training_iteration", metric="miou", mode="max", max_t=max_t,
+                         grace_period=first_cut, reduction_factor=reduction_factor, stop_last_trials=False)
+        self.trials, self.min_completed = trials, min_completed
+        self.stored_pruned, self.stored_failed = pruned, failed
+        self.pruned: set = set()
+        self.failed: set = set()
+        self.spared = 0       # STOPs of plain ASHA turned into CONTINUE by the guard
+
+    def allowance(self) -> int:
+        """How many more trials may still be pruned."""
+        return (self.trials - self.min_completed - self.stored_pruned - self.stored_failed
+                - len(self.pruned) - len(self.failed))
+
+    def seed_rungs(self, rows: List[Dict[str, Any]], eval_interval: int, iterations: int) -> None:
+        """Record the stored trials' tune mIoU at each rung they reached (resume, growth): a new trial
+        is judged against the stage's whole history, not only against the trials of this run."""
+        from harness.sweep.budget import miou_at
+
+        for bracket in self._brackets:
+            for milestone, recorded in bracket._rungs:
+                it = min(int(milestone) * eval_interval, iterations)
+                for r in rows:
+                    if r["status"] == "failed":
+                        continue
+                    value = miou_at(r, it)
+                    if value is None and r["status"] == "pruned" and r.get("iterations") == it:
+                        value = r.get("final_miou")
+                    if value is not None:
+                        recorded[f"stored:{r['run_id']}"] = value
+
+    def on_trial_result(self, tune_controller, trial, result: Dict) -> str:
+        from ray.tune.schedulers import TrialScheduler
+
+        if result.get("failed"):
+            self.failed.add(trial.trial_id)
+            return TrialScheduler.CONTINUE
+        t = result.get(self._time_attr)
+        if t is None or t >= self._max_t:
+            return TrialScheduler.CONTINUE
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            if self.allowance() < 1:
+                self._num_stopped -= 1
+                self.spared += 1
+                return TrialScheduler.CONTINUE
+            self.pruned.add(trial.trial_id)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: Dict):
+        if result and result.get("failed"):
+            self.failed.add(trial.trial_id)
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        self.failed.discard(trial.trial_id)
+        if trial.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, trial, result or {})
+            self._trial_info.pop(trial.trial_id, None)
+
+    def on_trial_error(self, tune_controller, trial):
+        self.failed.add(trial.trial_id)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._trial_info.pop(trial.trial_id, None)
 
 
 def reward(row: Dict[str, Any]) -> float:
@@ -327,7 +577,7 @@ def pick_winner(rows: List[Dict[str, Any]], unit: StageRun) -> Winner:
                            f"({len(rows)} pruned or failed); see their failure reasons in the database")
     best = max(completed, key=lambda r: r["final_miou"])
     return Winner(dict(best["params_json"]), best["final_miou"],
-                  {**unit.lineage, **{p: unit.name for p in unit.space}})
+                  {**unit.lineage, **{p: unit.name for p in unit.space}}, run_id=best.get("run_id"))
 
 
 def merge_each(stage: Stage, results: List[Winner], fixed, lineage) -> Winner:
@@ -433,39 +683,71 @@ def _fmt(v: Any) -> str:
 
 # ---------------------------------------------------------------------------------- summaries
 def stage_summary(sweep: Sweep, stage: Stage, arm: str, winner: Winner, wall: float) -> None:
+    """One line per stage and arm: the counted trials by status, the winner, time, energy; for a search
+    stage also the rank agreement (Spearman) between the first cut and the end of its completed trials."""
     arm_rows = sweep.store.query(sweep_id=sweep.ids[arm])
-    rows = [r for r in arm_rows if parse_stage_name(r["stage"] or "")[0] == stage.name]
+    units = {name: rows for name, rows in sweep.tuning.get(arm, {}).items() if parse_stage_name(name)[0] == stage.name}
+    if stage.search == RERUN:
+        rows = [r for r in arm_rows if r["stage"] == stage.name and _same(winner.params, r["params_json"])]
+    else:
+        rows = [r for unit_rows_ in units.values() for r in unit_rows_]
     counts = {s: sum(r["status"] == s for r in rows) for s in FINISHED}
     energy = sum(r["energy_kwh"] or 0 for r in arm_rows)
     chosen = {p: _fmt(v) for p, v in winner.params.items() if winner.lineage.get(p) and
               parse_stage_name(winner.lineage[p])[0] == stage.name}
+    agreement = ""
+    if stage.search != RERUN and units:
+        cut = (sweep.cuts.get(arm) or {}).get("iteration")
+        parts = []
+        for name, unit_rows_ in units.items():
+            a = rank_agreement(unit_rows_, cut)
+            label = parse_stage_name(name)[1] or name
+            parts.append(f"{label} {a['rho']:+.2f} (n={a['n']})" if a["rho"] is not None else f"{label} n/a ({a['reason']})")
+        agreement = f"; rank agreement first cut (iteration {cut}) vs end: " + ", ".join(parts)
     say(f"== stage {stage.name} ({arm}): {counts['completed']} done, {counts['pruned']} pruned, "
         f"{counts['failed']} failed; best {stage.split} mIoU "
         f"{'n/a' if winner.miou is None else f'{100 * winner.miou:.2f}'}; chose {chosen or '-'}; "
-        f"{wall:.0f} s; energy so far {1000 * energy:.2f} Wh")
+        f"{wall:.0f} s; energy so far {1000 * energy:.2f} Wh{agreement}")
 
 
-def final_summary(sweep: Sweep, winners: Dict[Tuple[str, str], Winner], wall: float) -> Dict[str, Any]:
+def final_summary(sweep: Sweep, winners: Dict[Tuple[str, str], Winner], wall: float,
+                  comparison: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Both arms side by side: val mIoU over the reruns of each arm's winner, each arm's tuning budget
+    (trials started / completed / pruned / failed, iterations, kWh), the unequal-budget mark, the lift."""
+    comparison = comparison or compare(sweep, winners)
     rerun_stage = next((s.name for s in reversed(sweep.protocol.stages) if s.search == RERUN), None)
     arms = {}
     for arm, arm_id in sweep.ids.items():
-        rows = [r for r in sweep.store.query(sweep_id=arm_id, stage=rerun_stage) if r["status"] == "completed"]
-        values = [r["final_miou"] for r in rows]
         final = winners.get((arm, rerun_stage))
+        rows = [r for r in sweep.store.query(sweep_id=arm_id, stage=rerun_stage) if r["status"] == "completed"
+                and (final is None or _same(final.params, r["params_json"]))]
+        values = [r["final_miou"] for r in rows]
         arms[arm] = {"arm_id": arm_id, "val_miou": values, "params": final.params if final else None,
                      "lineage": final.lineage if final else None,
                      "mean": statistics.mean(values) if values else None,
-                     "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "budget": comparison["budgets"][arm].as_dict()}
     say(f"\n== {sweep.protocol.name}: tuned arms side by side (val mIoU over rerun seeds), {wall / 60:.1f} min")
     for arm, a in arms.items():
         tuned = {k: _fmt(v) for k, v in (a["params"] or {}).items() if k != "seed"}
         mean = "n/a" if a["mean"] is None else f"{100 * a['mean']:.2f} +- {100 * a['std']:.2f} (n={len(a['val_miou'])})"
         say(f"  {arm:<13} {mean:<24} {tuned}")
+    say("  tuning budget (the trials each arm's winner was chosen from):")
+    for arm in arms:
+        say(f"  {arm:<13} {comparison['budgets'][arm].text()}")
+    n = comparison["student_arm"]["trials"]
+    grow = comparison["student_arm"]["stage"]
+    if grow:
+        say(f"  the student-only arm's {grow} sequence: its first {n} trials ({sweep.ids['student-only']})")
+    if comparison["unequal"]:
+        say(f"  {comparison['unequal']}")
     s, d = arms["student-only"]["mean"], arms["distilled"]["mean"]
     lift = None if s is None or d is None else d - s
     say(f"  lift of the distilled arm over the tuned student-only arm: "
-        f"{'n/a' if lift is None else f'{100 * lift:+.2f} mIoU points'}")
-    return {"arms": arms, "lift": lift, "wall_time_s": wall}
+        f"{'n/a' if lift is None else f'{100 * lift:+.2f} mIoU points'}"
+        + (" (unequal tuning budget)" if comparison["unequal"] else ""))
+    return {"arms": arms, "lift": lift, "wall_time_s": wall, "unequal_tuning_budget": comparison["unequal"],
+            "student_arm": comparison["student_arm"], "rank_agreement": comparison["rank_agreement"]}
 
 
 def say(text: str) -> None:

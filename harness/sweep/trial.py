@@ -33,6 +33,7 @@ class TrialSpec:
     command: str
     gpu_share: Optional[float] = None  # trials packed on one GPU: each counts its share of its energy
     param_kinds: Optional[Dict[str, str]] = None  # method path -> temperature | weight | ... (for reports)
+    extra_fields: Optional[Dict[str, Any]] = None  # what the runner adds to extra_json (first cut, budgets)
 
     def params(self, config: Dict[str, Any]) -> Dict[str, Any]:
         """The trial's full parameter set: inherited winners, then what Tune chose for it."""
@@ -58,8 +59,11 @@ class TrialSpec:
 
     def extra(self) -> Dict[str, Any]:
         """What a stored trial record keeps of its stage in `extra_json`: the stage's kind (reports find
-        the rerun rows by it) and what each method parameter is (reports read no method code)."""
-        return {"stage_kind": self.stage_kind, "param_kinds": dict(self.param_kinds or {})}
+        the rerun rows by it), what each method parameter is (reports read no method code), and what the
+        runner adds: `first_cut` on search trials ({evaluation, iteration, pruning} or None); on rerun
+        rows the comparison's budgets (`runner.compare`)."""
+        return {**dict(self.extra_fields or {}), "stage_kind": self.stage_kind,
+                "param_kinds": dict(self.param_kinds or {})}
 
 
 def apply_params(cfg: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,0 +1,181 @@
+"""Tuning budgets of the two arms of a comparison, counted from stored rows (no Ray, no torch).
+
+The rule (README "The fair tuning protocol", `sweeps/default.yaml`):
+
+- An arm's **tuning budget** is counted over the rows its winner could come from (the rows of its
+  search stages, not its reruns): trials `started` (every such row), split into `completed`,
+  `pruned` and `failed`; training `iterations` actually run (a pruned trial counts the iterations
+  up to the evaluation at which it was cut, a failed one those it ran); and tuning energy (`kwh`,
+  the sum of `energy_kwh`; rows without a measurement, e.g. pruned trials recorded by the driver,
+  count 0 and are counted in `kwh_missing`).
+- The student-only arm's growing stage (`grow: true`, lr x wd in the default protocol) is one seeded
+  TPE sequence per student arm id, in **sequence order** = stored order (`created_at`, then
+  `run_id`): a trial's row is written when it ends and later growth only appends, so a prefix never
+  changes. A comparison at budget N uses the first N trials of that sequence (`student_prefix`),
+  its winner among them (`winner`), and that winner's reruns (`student_reruns_for`).
+- N is the smallest prefix, starting at the protocol's `trials`, with which the student-only arm has
+  at least as many trials AND at least as many tuning iterations as the distilled arm
+  (`parity_prefix`): the two are equal within one trial's length. A comparison whose student-only
+  arm has fewer of either is marked "unequal tuning budget" with both numbers (`unequal`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+UNEQUAL = "unequal tuning budget"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What an arm spent on tuning (see the module docstring for what is counted)."""
+    started: int = 0
+    completed: int = 0
+    pruned: int = 0
+    failed: int = 0
+    iterations: int = 0
+    kwh: float = 0.0
+    kwh_missing: int = 0          # rows counted in `started` without an energy measurement
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "Budget":
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
+    def text(self) -> str:
+        """`13 trials started (7 completed, 5 pruned, 1 failed), 6200 iterations, 0.0123 kWh`."""
+        kwh = f"{self.kwh:.4g} kWh" + (f" ({self.kwh_missing} trials unmeasured)" if self.kwh_missing else "")
+        return (f"{self.started} trials started ({self.completed} completed, {self.pruned} pruned, "
+                f"{self.failed} failed), {self.iterations} iterations, {kwh}")
+
+
+def row_iterations(row: Dict[str, Any]) -> int:
+    """Training iterations a stored trial actually ran: its `iterations` column; for rows without one,
+    the last evaluation of its history; 0 when neither is known (a trial that crashed at start)."""
+    if row.get("iterations") is not None:
+        return int(row["iterations"])
+    history = row.get("history_json") or []
+    return int(history[-1].get("iteration") or 0) if history else 0
+
+
+def arm_budget(rows: Iterable[Dict[str, Any]]) -> Budget:
+    """The tuning budget of the given trial rows (pass only tuning rows: not reruns).
+    `started` counts every row; `completed`/`pruned`/`failed` by status (a `stopped` row is started
+    and none of the three)."""
+    rows = list(rows)
+    status = [r.get("status") for r in rows]
+    energies = [r.get("energy_kwh") for r in rows]
+    return Budget(started=len(rows), completed=status.count("completed"), pruned=status.count("pruned"),
+                  failed=status.count("failed"), iterations=sum(row_iterations(r) for r in rows),
+                  kwh=float(sum(e for e in energies if e is not None)),
+                  kwh_missing=sum(e is None for e in energies))
+
+
+def sequence_order(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Rows in the order of their sequence: stored order (`created_at`, then `run_id`)."""
+    return sorted(rows, key=lambda r: (r.get("created_at") or "", r.get("run_id") or ""))
+
+
+def student_prefix(student_trial_rows: Iterable[Dict[str, Any]], n: int,
+                   stage: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The student-only arm's tuning rows of a comparison at budget `n`: the first `n` rows, in
+    sequence order, of its growing stage `stage`, then every row of its other search stages (which do
+    not grow; none in the default protocol). With `stage=None` all given rows are the sequence."""
+    rows = sequence_order(student_trial_rows)
+    if stage is None:
+        return rows[:n]
+    grown = [r for r in rows if r.get("stage") == stage]
+    return grown[:n] + [r for r in rows if r.get("stage") != stage]
+
+
+def winner(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The best completed row by tune mIoU (failed and pruned rows never win); on a tie the earlier in
+    sequence order. None when no row completed."""
+    completed = [r for r in sequence_order(rows) if r.get("status") == "completed" and r.get("final_miou") is not None]
+    return max(completed, key=lambda r: r["final_miou"]) if completed else None
+
+
+def at_least(student: Budget, distilled: Budget) -> bool:
+    """Whether the student-only arm's budget is at least the distilled arm's, in trials and iterations."""
+    return student.started >= distilled.started and student.iterations >= distilled.iterations
+
+
+def parity_prefix(sequence_rows: Sequence[Dict[str, Any]], distilled: Budget, start: int = 1,
+                  other_rows: Sequence[Dict[str, Any]] = ()) -> Optional[int]:
+    """The smallest n >= `start` such that the first n rows of the student-only arm's growing sequence
+    (`sequence_rows`), together with its other tuning rows, reach `distilled` in trials and iterations;
+    None when the stored rows are not enough (the sequence must grow)."""
+    rows = sequence_order(sequence_rows)
+    for n in range(max(start, 1), len(rows) + 1):
+        if at_least(arm_budget([*rows[:n], *other_rows]), distilled):
+            return n
+    return None
+
+
+def growth_step(student: Budget, distilled: Budget, iterations_per_trial: int) -> int:
+    """How many more trials the student-only sequence needs at least to reach `distilled` (>= 1):
+    the missing trials, or the missing iterations in whole trials of `iterations_per_trial`, whichever
+    is more. A trial adds at most `iterations_per_trial`, so growing by this never overshoots the
+    distilled arm's iterations by a whole trial unless the trial count demands it."""
+    missing_trials = distilled.started - student.started
+    missing_iterations = math.ceil(max(0, distilled.iterations - student.iterations) / max(1, iterations_per_trial))
+    return max(1, missing_trials, missing_iterations)
+
+
+def unequal(student: Budget, distilled: Budget) -> Optional[str]:
+    """None when the student-only arm's tuning budget is at least the distilled arm's in trials and in
+    iterations; otherwise the mark `unequal tuning budget: ...` with both arms' numbers. One-sided on
+    purpose: a student-only arm with more tuning only makes the lift smaller (conservative)."""
+    if at_least(student, distilled):
+        return None
+    return (f"{UNEQUAL}: student-only {student.started} trials, {student.iterations} iterations; "
+            f"distilled {distilled.started} trials, {distilled.iterations} iterations")
+
+
+def student_reruns_for(distilled_rerun_row: Dict[str, Any],
+                       student_rerun_rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The student-only reruns a distilled rerun row is compared with: those of the winner of the
+    student's first N trials (`extra_json.student_arm.winner_run_id` of the distilled row equals the
+    student rows' `extra_json.winner_run_id`; a winner shared by several N has one set of reruns).
+    A distilled row without `student_arm` (stored before budgets were recorded) is compared with the
+    student reruns that carry no `winner_run_id` either (the arm then had one winner)."""
+    wanted = ((distilled_rerun_row.get("extra_json") or {}).get("student_arm") or {}).get("winner_run_id")
+    return [r for r in student_rerun_rows if (r.get("extra_json") or {}).get("winner_run_id") == wanted]
+
+
+def miou_at(row: Dict[str, Any], iteration: int) -> Optional[float]:
+    """The tune mIoU a row's history holds for the evaluation at `iteration` (None if it has none)."""
+    for h in row.get("history_json") or []:
+        if h.get("iteration") == iteration and h.get("miou") is not None and not math.isnan(h["miou"]):
+            return float(h["miou"])
+    return None
+
+
+def rank_agreement(rows: Iterable[Dict[str, Any]], iteration: Optional[int]) -> Dict[str, Any]:
+    """Spearman rank correlation, over the completed trials of a stage, between the tune mIoU at the
+    first cut (`iteration`: the first evaluation at which pruning may stop a trial) and the final tune
+    mIoU: how far the first cut's ranking is the final one. `{"rho", "n", "iteration", "reason"}`;
+    rho is None with the reason when fewer than 3 completed trials have both values, when there is no
+    evaluation before the end, or when one of the two rankings is constant."""
+    rows = [r for r in rows if r.get("status") == "completed" and r.get("final_miou") is not None]
+    out: Dict[str, Any] = {"rho": None, "n": 0, "iteration": iteration, "reason": None}
+    if iteration is None:
+        out["reason"] = "no evaluation before the end of training: no first cut"
+        return out
+    pairs = [(miou_at(r, iteration), float(r["final_miou"])) for r in rows]
+    pairs = [p for p in pairs if p[0] is not None]
+    out["n"] = len(pairs)
+    if len(pairs) < 3:
+        out["reason"] = f"{len(pairs)} completed trials with both values (< 3)"
+        return out
+    first, final = zip(*pairs)
+    if len(set(first)) == 1 or len(set(final)) == 1:
+        out["reason"] = "a constant ranking (all values equal)"
+        return out
+    from scipy.stats import spearmanr
+
+    out["rho"] = float(spearmanr(first, final).statistic)
+    return out
