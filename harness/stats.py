@@ -289,10 +289,11 @@ class Verdict:
 
     @property
     def underpowered(self) -> Optional[bool]:
-        """The design cannot detect its own observed lift at 80 % power (None: not computable)."""
-        if self.mde is None or self.lift is None:
+        """The design cannot detect its own observed lift at 80 % power at the family's alpha
+        (alpha / family_size, Holm's first step) (None: not computable)."""
+        if self.mde_family is None or self.lift is None:
             return None
-        return abs(self.lift) < self.mde
+        return abs(self.lift) < self.mde_family
 
 
 def _by_seed(values) -> Dict[int, float]:
@@ -452,8 +453,8 @@ def permutation_test(a, b, n_resamples: int = 9999, seed: int = 0) -> TestResult
     else:
         x, y = np.array(list(va.values())), np.array(list(vb.values()))
         out = TestResult("permutation (unpaired)", x.size, y.size)
-        if x.size < 1 or y.size < 1:
-            out.note = f"no test: an arm has no values (n = {x.size} vs {y.size})"
+        if x.size < 2 or y.size < 2:
+            out.note = f"no test: fewer than 2 seeds in an arm (n = {x.size} vs {y.size})"
             return out
         out.min_p = mann_whitney_min_p(x.size, y.size)
         if _constant(np.concatenate([x, y])):

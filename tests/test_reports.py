@@ -273,7 +273,7 @@ def test_plots_of_an_empty_database_say_why(tmp_path, fake_configs):
     store = ResultsStore(tmp_path / "empty.db")
     blocks = load_blocks(store)
     outputs = write_figures(store, cfg, blocks, measure_entropy(cfg, blocks))
-    assert all(p is None for p, _ in outputs) and len(outputs) == 5
+    assert all(p is None for p, _ in outputs) and len(outputs) == 6
     assert "no sweep rows" in outputs[0][1] and "not trained yet" in outputs[-1][1]
 
 
@@ -291,7 +291,7 @@ def test_report_regenerates_every_table_and_figure(fake_db, monkeypatch, capsys)
     # the figures: every one written with its source, or said missing (no teacher in this cache)
     block = "synthetic_pspnet_resnet18_small_pspnet_resnet34_smoke"
     written = {"history_student-only-s1.png", "history_distilled-kd-k1.png", "history_distilled-cwd-c1.png",
-               "response_distilled-kd-k1.png", f"seeds_{block}.png", f"pareto_{block}.png"}
+               "response_distilled-kd-k1.png", f"seeds_{block}.png", f"pareto_{block}.png", f"tuning_{block}.png"}
     assert {p.name for p in reports.glob("*.png")} == written
     for name in written:
         assert matplotlib.image.imread(reports / name).ndim == 3

@@ -145,7 +145,7 @@ def test_rerun_stage_is_found_by_its_kind_not_its_name(tmp_path, cfg):
     assert [(b.teacher, list(b.arms)) for b in blocks] == [("deeplabv3_resnet18_small", ["student-only", "cwd", "kd"])]
     assert blocks[0].arms["kd"].values == [0.55, 0.56, 0.57] and blocks[0].arms["cwd"].values == [0.52, 0.53]
     assert blocks[0].notes == []
-    table = leaderboard.build(blocks, s, n_resamples=199)[0]
+    table = leaderboard.build(blocks, s)[0]
     assert [r.label for r in table.rows] == ["student-only", "cwd", "kd"] and table.rows[2].lift > 0
     md = leaderboard.to_markdown([table], ["Source: test"])
     assert "| kd " in md and "No completed rerun rows" not in md
@@ -164,19 +164,19 @@ def test_an_unloadable_protocol_falls_back_to_reruns_and_says_so(tmp_path, cfg):
     assert block.arms["kd"].values == [0.55, 0.56, 0.57]
     note, = block.notes
     assert "protocol 'gone'" in note and "'reruns'" in note and "unknown sweep protocol" in note
-    t = leaderboard.build([block], s, n_resamples=199)[0]
+    t = leaderboard.build([block], s)[0]
     assert note in leaderboard.to_markdown([t], ["Source: test"])
 
 
 def test_filters_are_parsed_once_in_command_line_order():
     f, rest = Filters.parse(["paths.results=x", "budget=quick", "+method=[gskd,cwd]", "dataset=synthetic",
-                             "+method=kd", "test=mann-whitney", "store.url=sqlite:///y"])
+                             "+method=kd", "test=permutation", "store.url=sqlite:///y"])
     assert rest == ["paths.results=x", "store.url=sqlite:///y"]
-    assert f.methods == ["cwd+gskd", "kd"] and f.test == "mann-whitney" and f.get("budget") == "quick"
+    assert f.methods == ["cwd+gskd", "kd"] and f.test == "permutation" and f.get("budget") == "quick"
     assert f.selection() == {"budget": "quick", "dataset": "synthetic", "methods": ["cwd+gskd", "kd"]}
     assert f.shown() == "budget=quick, dataset=synthetic, method=['cwd+gskd', 'kd']"
-    assert f.shown_all() == "budget=quick, method=['cwd+gskd', 'kd'], dataset=synthetic, test=mann-whitney"
-    assert Filters.parse([])[0].shown() == "none" and Filters().test == "welch" and Filters().selection() == {}
+    assert f.shown_all() == "budget=quick, method=['cwd+gskd', 'kd'], dataset=synthetic, test=permutation"
+    assert Filters.parse([])[0].shown() == "none" and Filters().test == "t" and Filters().selection() == {}
     assert Filters.of(budget="quick", method=["kd"]).selection() == {"budget": "quick", "methods": ["kd"]}
     from harness.errors import ConfigError
 
@@ -234,7 +234,9 @@ def holm_by_hand(ps):
 
 
 def test_leaderboard_values_recomputed_from_rows(store):
-    tables = leaderboard.build(blk.load_blocks(store, budget="quick"), store, n_resamples=999)
+    from scipy import stats as st
+
+    tables = leaderboard.build(blk.load_blocks(store, budget="quick"), store)
     assert len(tables) == 1
     rows = {r.label: r for r in tables[0].rows}
     assert [r.label for r in tables[0].rows] == ["student-only", "cwd", "kd", "cwd+gskd"]
@@ -246,24 +248,79 @@ def test_leaderboard_values_recomputed_from_rows(store):
         r = rows[label]
         assert r.mean == pytest.approx(statistics.fmean(v), rel=1e-12)
         assert r.std == pytest.approx(statistics.stdev(v), rel=1e-12)
-        assert r.lift == pytest.approx(statistics.fmean(v) - statistics.fmean(base), rel=1e-12)
-        assert r.ci.low < r.lift < r.ci.high
-        va, vb = statistics.variance(v) / len(v), statistics.variance(base) / len(base)
-        assert r.welch.statistic == pytest.approx(r.lift / math.sqrt(va + vb), rel=1e-9)
-        raw.append(r.welch.p)
+        ref = st.ttest_rel(v, base)                          # same seeds 1..5 in both arms: paired
+        ci = ref.confidence_interval(0.95)
+        assert r.verdict.design == "paired" and r.verdict.seeds == [1, 2, 3, 4, 5]
+        assert r.lift == pytest.approx(statistics.fmean(v) - statistics.fmean(base), rel=1e-9)
+        assert (r.verdict.low, r.verdict.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        assert r.p_raw == pytest.approx(ref.pvalue, rel=1e-9)
+        raw.append(ref.pvalue)
         assert r.energy_kwh == pytest.approx(statistics.fmean(0.002 + 0.0001 * i for i in range(5)))
     for label, adj in zip(labels, holm_by_hand(raw)):
-        assert rows[label].p_holm == pytest.approx(adj, rel=1e-12)
+        assert rows[label].p_holm == pytest.approx(adj, rel=1e-9)
+        assert rows[label].comparison.family_size == 3
+    # the failed kd rerun (seed 9) is not silently lost: kd says 5 of 6 seeds and why
+    assert rows["kd"].arm.runs == 6 and rows["kd"].arm.n == 5
+    assert any("seed 9: failed" in n for n in rows["kd"].notes)
     # best = cwd+gskd (53.48); cwd (53.36) within its std (0.73); kd and student-only not
     assert rows["cwd+gskd"].best and rows["cwd"].within_one_std
     assert not rows["kd"].within_one_std and not rows["student-only"].best
     assert rows["kd"].sweep_energy_kwh == pytest.approx(sum(0.002 + 0.0001 * i for i in range(5)) + 0.002 * 2)
 
 
-def test_leaderboard_mann_whitney_option(store):
-    t = leaderboard.build(blk.load_blocks(store, budget="quick"), store, test="mann-whitney", n_resamples=199)[0]
+def test_a_filter_hides_rows_and_never_changes_a_number(store):
+    full = {r.label: r for r in leaderboard.build(blk.load_blocks(store, budget="quick"), store)[0].rows}
+    only = {r.label: r for r in leaderboard.build(blk.load_blocks(store, budget="quick", methods=["cwd"]), store)[0].rows}
+    assert list(only) == ["student-only", "cwd"]
+    assert only["cwd"].p_holm == full["cwd"].p_holm and only["cwd"].verdict.low == full["cwd"].verdict.low
+    assert only["cwd"].comparison.family_size == 3
+
+
+def test_leaderboard_and_significance_print_the_same_numbers_for_one_comparison(store):
+    from harness.report import significance
+
+    block = blk.load_blocks(store, budget="quick")[0]
+    t = leaderboard.build([block], store)[0]
+    m = significance.build([block])[0]
+    for r in t.rows[1:]:
+        pair, sign = m.pair(r.label, "student-only")
+        assert sign == 1 and pair.p_holm == r.p_holm and pair.verdict.low == r.verdict.low
+        assert significance.diff_text(m, r.label, "student-only") == leaderboard._lift_cell(r)
+
+
+def test_reruns_of_two_sweeps_are_never_pooled(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "two.db")
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49], sweep_id="student-only:A")
+    add_arm(s, cfg, "student-only", [0.40, 0.41, 0.39], sweep_id="student-only:B")
+    add_arm(s, cfg, "kd", [0.52, 0.53, 0.55], sweep_id="distilled:kd:A")
+    add_arm(s, cfg, "kd", [0.60, 0.61, 0.62], sweep_id="distilled:kd:B")
+    blocks = blk.load_blocks(s)
+    assert len(blocks) == 2                                  # one per student arm, never n = 6
+    for b in blocks:
+        assert b.baseline.n == 3 and b.baseline.sweep_ids in (["student-only:A"], ["student-only:B"])
+        kd = [a for l, a in b.arms.items() if l.startswith("kd")]
+        assert len(kd) == 2 and all(a.n == 3 for a in kd)   # two kd sweeps: two rows, not one of 6
+        assert any("never pooled" in n for n in b.notes)
+    assert len({b.row_id("student-only") for b in blocks}) == 2
+
+
+def test_a_distilled_row_that_names_its_student_arm_is_compared_with_that_one_only(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "link.db")
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49], sweep_id="student-only:A")
+    add_arm(s, cfg, "student-only", [0.40, 0.41, 0.39], sweep_id="student-only:B")
+    add_arm(s, cfg, "kd", [0.52, 0.53, 0.55], sweep_id="distilled:kd:A",
+            extra_json={"stage_kind": "rerun", "student_arm": {"arm_id": "student-only:B"}})
+    blocks = [b for b in blk.load_blocks(s) if "kd" in b.arms]
+    assert len(blocks) == 1 and blocks[0].student_arm == "student-only:B"
+
+
+def test_leaderboard_permutation_option(store):
+    t = leaderboard.build(blk.load_blocks(store, budget="quick"), store, test="permutation")[0]
     r = {r.label: r for r in t.rows}
-    assert r["cwd"].p_raw == pytest.approx(stats.mann_whitney(VALUES["cwd"], VALUES["student-only"]).p)
+    d = {s: VALUES["cwd"][s - 1] for s in range(1, 6)}
+    b = {s: VALUES["student-only"][s - 1] for s in range(1, 6)}
+    assert r["cwd"].p_raw == pytest.approx(stats.permutation_test(d, b).p)
+    assert r["cwd"].p_raw >= 2 / 32                       # 5 sign flips: never below 2 / 2^5
     with pytest.raises(ValueError, match="unknown test"):
         leaderboard.build(blk.load_blocks(store), store, test="t-test")
 
@@ -277,7 +334,8 @@ def test_leaderboard_files_md_csv_tex(store, cfg, tmp_path):
     paths = leaderboard.write(c, store, f, blocks, efficiency=for_blocks(blocks, latency=False), quiet=True)
     md = paths["md"].read_text()
     rid = blk.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "cwd+gskd", "quick")
-    assert f"**{100 * statistics.fmean(VALUES['cwd,gskd']):.2f} +- {100 * statistics.stdev(VALUES['cwd,gskd']):.2f} (5)**" in md
+    assert f"**{100 * statistics.fmean(VALUES['cwd,gskd']):.2f} +- {100 * statistics.stdev(VALUES['cwd,gskd']):.2f} (5/5)**" in md
+    assert "(5/6) !" in md and "seed 9: failed" in md     # kd: one rerun seed did not complete
     assert rid in md and "(reference)" in md and "budget=quick" in md and "Seeds: 1, 2, 3, 4, 5" in md
     assert "FLOPs = torch.utils.flop_counter at 96x96" in md
 
@@ -294,7 +352,7 @@ def test_leaderboard_files_md_csv_tex(store, cfg, tmp_path):
     typed = leaderboard.read_csv(paths["csv"])
     assert typed["row_id"].dtype == "string" and typed["params"].dtype == "Int64"
 
-    check_latex(paths["tex"].read_text(), ncol=10)
+    check_latex(paths["tex"].read_text(), ncol=11)
 
 
 def check_latex(text, ncol):
@@ -328,7 +386,7 @@ def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
     s = ResultsStore(tmp_path / "m.db")
     add_arm(s, cfg, "kd", [0.52, 0.53, 0.51], energy=False)         # no student-only arm, no energy
     add_arm(s, cfg, "cwd", [0.55])                                  # one seed
-    t = leaderboard.build(blk.load_blocks(s), s, n_resamples=199)[0]
+    t = leaderboard.build(blk.load_blocks(s), s)[0]
     r = {r.label: r for r in t.rows}
     assert "student-only" not in r and r["kd"].lift is None and r["kd"].p_holm is None
     assert any("no tuned student-only arm" in n for n in t.notes)
@@ -338,11 +396,11 @@ def test_leaderboard_missing_pieces_are_explained_not_zero(tmp_path, cfg):
     assert "n/a" in md and "no tuned student-only arm" in md and "one seed" in md
     kd_line = next(l for l in md.splitlines() if "| kd " in l)
     cells = [c.strip() for c in kd_line.strip("|").split("|")]
-    assert cells[3:8] == ["n/a"] * 5   # lift, p, kWh, CO2, sweep kWh: said missing, never 0
+    assert cells[3:12] == ["n/a"] * 9   # lift, p, d_z, P, MDE, seeds, kWh, CO2, sweep kWh: missing, never 0
 
     add_arm(s, cfg, "student-only", [0.5, 0.5, 0.5])
     add_arm(s, cfg, "kd", [0.5, 0.5], teacher="flat")                   # both arms zero variance
-    flat = leaderboard.build(blk.load_blocks(s, teacher="flat"), s, n_resamples=199)[0]
+    flat = leaderboard.build(blk.load_blocks(s, teacher="flat"), s)[0]
     kd = {r.label: r for r in flat.rows}["kd"]
     assert kd.p_holm is None and any("zero variance" in n for n in kd.notes) and kd.lift == 0.0
 
@@ -368,7 +426,7 @@ def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
     assert "No completed rerun rows" in err and "sweep +method=NAME" in err
     assert "No completed rerun rows" in (out / "leaderboard.md").read_text()
     assert pd.read_csv(out / "leaderboard.csv").empty
-    check_latex((out / "leaderboard.tex").read_text(), ncol=10)
+    check_latex((out / "leaderboard.tex").read_text(), ncol=11)
     s = ResultsStore(f"sqlite:///{out}/harness.db")
     add_arm(s, cfg, "student-only", [0.5, 0.51, 0.49])
     add_arm(s, cfg, "kd", [0.52, 0.53, 0.55])
@@ -378,6 +436,8 @@ def test_leaderboard_cli_empty_database_and_filters(tmp_path, capsys, cfg):
     assert list(df["arm"]) == ["student-only", "distilled"] and df["methods"].iloc[1] == "kd"
     assert main(["leaderboard", f"paths.results={out}", "test=z"]) == 2
     assert "unknown test" in capsys.readouterr().err
+    assert main(["leaderboard", f"paths.results={out}", "test=mann-whitney"]) == 2
+    assert "replaced by test=permutation" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------- significance
@@ -386,19 +446,20 @@ def test_significance_matrix_recomputed_from_rows(store):
 
     m = significance.build(blk.load_blocks(store, budget="quick"), min_seeds=3)[0]
     labels = ["student-only", "cwd", "kd", "cwd+gskd"]
-    assert m.labels == labels and len(m.pairs) == 6
-    vals = {l: VALUES[l.replace("+", ",")] for l in labels}
-    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
-    welch = [stats.welch(vals[a], vals[b]).p for a, b in pairs]
-    mw = [stats.mann_whitney(vals[a], vals[b]).p for a, b in pairs]
-    for (a, b), pw, pm in zip(pairs, holm_by_hand(welch), holm_by_hand(mw)):
-        pair, sign = m.pair(b, a)
-        assert sign == -1 and pair.p_welch_holm == pytest.approx(pw) and pair.p_mw_holm == pytest.approx(pm)
-        d = statistics.fmean(vals[a]) - statistics.fmean(vals[b])
-        assert significance.diff_text(m, a, b).startswith(f"{100 * d:+.2f} [")
-        assert significance.diff_text(m, b, a).startswith(f"{-100 * d:+.2f} [")
-    # 5 vs 5 seeds: Mann-Whitney can reach 2/252 raw, but 6 x 2/252 = 0.048 after Holm: still possible
-    assert not any("no pair can reach" in n for n in m.notes)
+    assert m.labels == labels and m.verdicts.family_sizes == (3, 3)
+    vals = {l: dict(enumerate(VALUES[l.replace("+", ",")], start=1)) for l in labels}
+    families = {"vs student": [(a, "student-only") for a in labels[1:]],
+                "between methods": [(a, b) for i, a in enumerate(labels[1:]) for b in labels[i + 2:]]}
+    for name, pairs in families.items():
+        ts = [stats.compare_seeds(vals[a], vals[b]).p for a, b in pairs]
+        ps = [stats.permutation_test(vals[a], vals[b]).p for a, b in pairs]
+        for (a, b), pt, pp in zip(pairs, holm_by_hand(ts), holm_by_hand(ps)):
+            pair, sign = m.pair(a, b)
+            assert sign == 1 and pair.family == name
+            assert pair.p_holm == pytest.approx(pt) and pair.p_perm_holm == pytest.approx(pp)
+            d = statistics.fmean(vals[a].values()) - statistics.fmean(vals[b].values())
+            assert significance.diff_text(m, a, b).startswith(f"{100 * d:+.2f} [")
+            assert significance.diff_text(m, b, a).startswith(f"{-100 * d:+.2f} [")
 
 
 def test_significance_few_seeds_are_marked_and_warned(tmp_path, cfg):
@@ -411,8 +472,7 @@ def test_significance_few_seeds_are_marked_and_warned(tmp_path, cfg):
     m = significance.build(blk.load_blocks(s), min_seeds=3)[0]
     text = " ".join(m.notes)
     assert "cwd: 2 seed(s) < report.min_seeds = 3" in text
-    assert "smallest possible p is 0.1" in text and "impossible" in text          # 3 vs 3 seeds
-    assert "no pair can reach 0.05" in text                                        # 3 x 0.1 after Holm
+    assert "smallest possible permutation p is 0.25" in text and "cannot reach 0.05" in text  # 3 sign flips
     assert significance.diff_text(m, "cwd", "kd").endswith(significance.DAGGER)
     assert not significance.diff_text(m, "kd", "student-only").endswith(significance.DAGGER)
     assert r"$^\dagger$" in significance.p_text(m, "cwd", "student-only", latex=True)
@@ -427,7 +487,7 @@ def test_significance_cli_files_and_empty(tmp_path, store, cfg, capsys):
     paths = significance.write(c, store, Filters.of(budget="quick"), quiet=True)
     md = paths["md"].read_text()
     assert "## synthetic: pspnet_resnet18_small <- deeplabv3_resnet18_small, budget quick" in md
-    assert "p (Welch, Holm) / p (Mann-Whitney, Holm)" in md and "Source: significance" in md
+    assert "p (t, Holm in its family) / p (permutation, Holm in its family)" in md and "Source: significance" in md
     tex_text = paths["tex"].read_text()
     body = "\n".join(l for l in tex_text.splitlines() if not l.startswith("%"))
     assert body.count(r"\begin{tabular}{lrrrr}") == 1 and body.count(r"\toprule") == 1
@@ -510,7 +570,7 @@ def test_literature_lift_inflation_from_our_rows(store, cfg, tmp_path, capsys):
     s = ResultsStore(tmp_path / "two.db")
     add_arm(s, cfg, "student-only", [0.5, 0.5, 0.51, 0.5, 0.52])
     add_arm(s, cfg, "cwd", [0.6, 0.61, 0.6, 0.62, 0.6])
-    lifts = literature.our_lifts(s, n_resamples=199)
+    lifts = literature.our_lifts(s)
     entry = {"method": "cwd", "dataset": "synthetic"}
     assert literature.match(entry, lifts).block.dataset == "synthetic"
     assert literature.match({"method": "kd", "dataset": "synthetic"}, lifts) is None

@@ -13,6 +13,18 @@ loaded falls back to the stage name ``reruns``, and the block says so in ``Block
 The budget is part of the block because a smoke and a quick sweep of the same comparison can share
 a database and must never be pooled.
 
+**Honest pooling.** An arm pools the reruns of one sweep arm only (the runner's arm id, stored as
+``sweep_id``: dataset, student, budget, optimiser, protocol, teacher and method config). The
+student-only arm of a block is one student arm id and, where the sweep recorded it, the winner of
+one tuning prefix (``extra_json.winner_run_id``); a distilled arm whose rows name their student arm
+(``extra_json.student_arm``) is compared only with that one. Two student arms for one (dataset,
+student, budget) are two blocks; two sweeps of one method in a block are two rows (label
+``kd@<sweep>``). Rerun rows that did not complete (failed, stopped, pruned, collapsed, or without a
+final mIoU) stay with their arm as ``Arm.lost`` so the tables can show completed / run seeds and why.
+
+**Filters hide, they never change numbers.** ``load_blocks(methods=...)`` keeps every arm in
+``Block.all_arms`` (the multiplicity family) and only the selected ones in ``Block.arms`` (shown).
+
 **Row id**: ``row_id(dataset, student, teacher, methods, budget)`` is
 ``stable_hash([dataset, student, teacher, label, budget], 8)`` (budget left out when None);
 ``find_row(store, id)`` returns the database rows behind an id (the input of ``reproduce``).
@@ -71,11 +83,38 @@ def protocol_of(row: Dict[str, Any]) -> Optional[str]:
 @dataclass
 class Arm:
     label: str                      # 'student-only' or 'cwd+gskd'
-    rows: List[Dict[str, Any]]      # completed rerun rows, oldest first
+    rows: List[Dict[str, Any]]      # completed rerun rows with a final mIoU, oldest first
+    lost: List[Dict[str, Any]] = field(default_factory=list)   # rerun rows that did not complete
 
     @property
     def values(self) -> List[float]:
         return [r["final_miou"] for r in self.rows if r["final_miou"] is not None]
+
+    @property
+    def by_seed(self) -> Dict[int, float]:
+        """seed -> final mIoU (a seed rerun twice keeps its latest completed value)."""
+        return {int(r["seed"]): r["final_miou"] for r in self.rows
+                if r["final_miou"] is not None and r["seed"] is not None}
+
+    @property
+    def runs(self) -> int:
+        """Rerun seeds started (completed or not)."""
+        return len({r["seed"] for r in self.rows + self.lost}) if self.rows or self.lost else 0
+
+    @property
+    def sweep_ids(self) -> List[str]:
+        return sorted({r["sweep_id"] for r in self.rows + self.lost if r.get("sweep_id")})
+
+    def lost_reasons(self) -> List[str]:
+        """'seed 3: failed (tune mIoU collapsed ...)' for every rerun seed without a value."""
+        done = {r["seed"] for r in self.rows}
+        out = []
+        for r in self.lost:
+            if r["seed"] in done:
+                continue
+            why = r.get("failure_reason") or ("no final mIoU recorded" if r["status"] == "completed" else "")
+            out.append(f"seed {r['seed']}: {r['status']}{' (' + why + ')' if why else ''}")
+        return out
 
     @property
     def n(self) -> int:
@@ -106,8 +145,15 @@ class Block:
     student: str
     teacher: Optional[str]
     budget: Optional[str]
-    arms: Dict[str, Arm] = field(default_factory=dict)   # student-only first, then methods sorted
+    arms: Dict[str, Arm] = field(default_factory=dict)   # shown arms: student-only first, then methods
     notes: List[str] = field(default_factory=list)       # how its rows were found, where that is a guess
+    all_arms: Dict[str, Arm] = field(default_factory=dict)  # every arm of the block (the family)
+    student_arm: Optional[str] = None                      # the student-only sweep id (arm id)
+    disambiguate: bool = False                             # several student arms: ids carry the arm
+
+    def __post_init__(self) -> None:
+        if not self.all_arms:
+            self.all_arms = self.arms
 
     @property
     def key(self) -> Tuple[str, str, Optional[str], Optional[str]]:
@@ -123,7 +169,10 @@ class Block:
         return self.arms.get(STUDENT_ONLY)
 
     def row_id(self, label: str) -> str:
-        return row_id(self.dataset, self.student, self.teacher, label, self.budget)
+        rid = row_id(self.dataset, self.student, self.teacher, label, self.budget)
+        if self.disambiguate and self.student_arm:
+            rid = stable_hash([rid, self.student_arm], 8)
+        return rid
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
@@ -164,27 +213,44 @@ class RerunStages:
 
 
 def rerun_rows(store, **equals) -> List[Tuple[Dict[str, Any], Optional[str]]]:
-    """(row, fallback note) of the completed rerun rows with a final mIoU (student-only and distilled)."""
+    """(row, fallback note) of the rerun rows of the student-only and distilled arms, any status."""
     is_rerun = RerunStages()
-    rows = store.query(status="completed", arm=[STUDENT_ONLY, "distilled"], **equals)
+    rows = store.query(arm=[STUDENT_ONLY, "distilled"], **equals)
     out = []
     for r in rows:
-        if r["final_miou"] is None:
-            continue
         keep, note = is_rerun(r)
         if keep:
             out.append((r, note))
     return out
 
 
+def _done(row: Dict[str, Any]) -> bool:
+    return row["status"] == "completed" and row["final_miou"] is not None
+
+
+def _student_key(row: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """(student arm id, winner run id) a rerun row belongs to; for a distilled row the student arm
+    it was compared with when the sweep recorded it, else (None, None)."""
+    extra = row.get("extra_json") or {}
+    if row["arm"] == STUDENT_ONLY:
+        return row.get("sweep_id"), extra.get("winner_run_id")
+    link = extra.get("student_arm") or {}
+    return link.get("arm_id"), link.get("winner_run_id")
+
+
+def _arm(label: str, rows: List[Dict[str, Any]]) -> Arm:
+    return Arm(label, [r for r in rows if _done(r)], [r for r in rows if not _done(r)])
+
+
 def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = None,
                 teacher: Optional[str] = None, budget: Optional[str] = None,
                 methods: Optional[Iterable[str]] = None) -> List[Block]:
-    """Blocks of the completed rerun rows, filtered by the given values, in a stable order.
+    """Blocks of the rerun rows, filtered by the given values, in a stable order.
 
-    `methods` keeps only those distilled arms (labels as `method_label` writes them); the
-    student-only arm is always kept. A (dataset, student, budget) with student-only rows but no
-    distilled arm yields one block with teacher None.
+    `methods` hides the other distilled arms (labels as `method_label` writes them) from
+    ``Block.arms``; they stay in ``Block.all_arms``, the family every p-value is corrected over.
+    The student-only arm is always kept. A (dataset, student, budget) with student-only rows but
+    no distilled arm yields one block with teacher None.
     """
     equals = {k: v for k, v in (("dataset", dataset), ("student", student)) if v is not None}
     found = rerun_rows(store, **equals)
@@ -193,33 +259,78 @@ def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = N
     notes = {id(r): n for r, n in found if n}
     rows = [r for r, _ in found]
     keep = None if methods is None else {method_label(m) for m in methods}
-    students: Dict[Tuple, List[Dict]] = {}
-    distilled: Dict[Tuple, Dict[str, List[Dict]]] = {}
+    # student arms: (dataset, student, budget) -> {(sweep id, winner): rows}
+    students: Dict[Tuple, Dict[Tuple, List[Dict]]] = {}
+    distilled: Dict[Tuple, List[Dict]] = {}
     for r in rows:
         base = (r["dataset"], r["student"], budget_of(r))
         if r["arm"] == STUDENT_ONLY:
-            students.setdefault(base, []).append(r)
-        else:
-            if teacher is not None and r["teacher"] != teacher:
-                continue
-            label = method_label(r["methods"])
-            if keep is not None and label not in keep:
-                continue
-            distilled.setdefault(base + (r["teacher"],), {}).setdefault(label, []).append(r)
+            students.setdefault(base, {}).setdefault(_student_key(r), []).append(r)
+        elif teacher is None or r["teacher"] == teacher:
+            distilled.setdefault(base + (r["teacher"],), []).append(r)
     blocks: List[Block] = []
-    for key in sorted(set(distilled) | {b + (None,) for b in students if teacher is None},
-                      key=lambda k: tuple("" if x is None else str(x) for x in k)):
-        ds, st, bud, te = key
-        if te is None and any(k[:3] == (ds, st, bud) for k in distilled):
-            continue  # the student-only rows already appear in the blocks with a teacher
-        block = Block(ds, st, te, bud)
-        if (ds, st, bud) in students:
-            block.arms[STUDENT_ONLY] = Arm(STUDENT_ONLY, students[(ds, st, bud)])
-        for label in sorted(distilled.get(key, {})):
-            block.arms[label] = Arm(label, distilled[key][label])
-        block.notes = list(dict.fromkeys(notes[id(r)] for r in block.rows if id(r) in notes))
-        blocks.append(block)
+    bases = sorted(set(students) | {k[:3] for k in distilled}, key=_sort_key)
+    for base in bases:
+        s_arms = students.get(base, {})
+        teachers = sorted({k[3] for k in distilled if k[:3] == base}, key=lambda t: "" if t is None else t)
+        if not teachers and teacher is None:
+            teachers = [None]
+        for te in teachers:
+            d_rows = distilled.get(base + (te,), [])
+            skeys = sorted(s_arms, key=_sort_key) or [(None, None)]
+            for skey in skeys:
+                mine = [r for r in d_rows if _matches(_student_key(r), skey, s_arms)]
+                if te is not None and not mine and skey[0] is not None and len(skeys) > 1:
+                    continue
+                block = Block(base[0], base[1], te, base[2], student_arm=skey[0],
+                              disambiguate=len(skeys) > 1)
+                if skey in s_arms:
+                    block.all_arms[STUDENT_ONLY] = _arm(STUDENT_ONLY, s_arms[skey])
+                by_label: Dict[str, Dict[str, List[Dict]]] = {}
+                for r in mine:
+                    by_label.setdefault(method_label(r["methods"]), {}).setdefault(r.get("sweep_id") or "", []).append(r)
+                for label in sorted(by_label):
+                    sweeps = by_label[label]
+                    for sid in sorted(sweeps):
+                        name = label if len(sweeps) == 1 else f"{label}@{stable_hash(sid, 6)}"
+                        block.all_arms[name] = _arm(name, sweeps[sid])
+                    if len(sweeps) > 1:
+                        block.notes.append(f"{label}: {len(sweeps)} sweeps of this method in one block, each its own "
+                                           f"row (never pooled): {', '.join(sorted(sweeps))}")
+                block.arms = {l: a for l, a in block.all_arms.items()
+                              if l == STUDENT_ONLY or keep is None or l.split("@")[0] in keep}
+                if len(skeys) > 1:
+                    block.notes.append(f"{len(skeys)} tuned student-only arms for {base[0]}/{base[1]} budget {base[2]}: "
+                                       f"this block uses {skey[0]}" + (f" (winner {skey[1]})" if skey[1] else "")
+                                       + "; their reruns are never pooled")
+                unlinked = [r for r in mine if _student_key(r)[0] is None]
+                if unlinked and len(skeys) > 1:
+                    block.notes.append("distilled rows that do not record their student arm are compared with "
+                                       "each student-only arm of the same dataset, student and budget")
+                block.notes += list(dict.fromkeys(notes[id(r)] for r in block_rows(block) if id(r) in notes))
+                blocks.append(block)
     return blocks
+
+
+def _sort_key(k) -> Tuple:
+    return tuple("" if x is None else str(x) for x in k)
+
+
+def _matches(link: Tuple[Optional[str], Optional[str]], skey: Tuple[Optional[str], Optional[str]],
+             s_arms: Dict[Tuple, List[Dict]]) -> bool:
+    """A distilled row belongs with student arm `skey` when it names it (arm id, and winner where
+    both record one), or names none."""
+    arm_id, winner = link
+    if arm_id is None:
+        return True
+    if arm_id != skey[0]:
+        return False
+    return winner is None or skey[1] is None or winner == skey[1]
+
+
+def block_rows(block: Block) -> List[Dict[str, Any]]:
+    """Every rerun row of every arm of the block (completed and not)."""
+    return [r for a in block.all_arms.values() for r in a.rows + a.lost]
 
 
 def find_row(store, row_id_: str) -> List[Dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The row filters of every report command, parsed once from the command line.
 
 ``python -m harness leaderboard dataset=synthetic student=... teacher=... budget=quick +method=kd
-test=mann-whitney paths.results=...``: ``dataset=``, ``student=``, ``teacher=``, ``budget=`` and
+test=permutation paths.results=...``: ``dataset=``, ``student=``, ``teacher=``, ``budget=`` and
 ``+method=`` (repeatable, ``+method=[cwd,gskd]`` is the combination ``cwd+gskd``) select rows by name;
 ``test=`` chooses the leaderboard's test; everything else is a config override. A filter selects
 which rows are shown, never what a number is (a p-value is the same with or without a filter).
@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness.report.blocks import method_label
 
-TESTS = ("welch", "mann-whitney")
+TESTS = ("t", "permutation")
+RETIRED_TESTS = {"welch": "test=t (paired t on the common seeds; Welch when the arms share fewer than two)",
+                 "mann-whitney": "test=permutation (exact permutation test of the same comparison; Mann-Whitney "
+                                 "ignored the pairing of seeds)"}
 FILTER_KEYS = ("dataset", "student", "teacher", "budget", "method", "test")
 
 
@@ -41,7 +44,9 @@ class Filters:
         if "test" in given and given["test"] not in TESTS:
             from harness.errors import ConfigError
 
-            raise ConfigError(f"unknown test '{given['test']}'. Valid: {', '.join(TESTS)}")
+            retired = RETIRED_TESTS.get(given["test"])
+            raise ConfigError(f"unknown test '{given['test']}'. Valid: {', '.join(TESTS)}"
+                              + (f"; '{given['test']}' was replaced by {retired}" if retired else ""))
         return cls(tuple((k, tuple(v) if k == "method" else v) for k, v in given.items())), rest
 
     @classmethod
@@ -61,7 +66,7 @@ class Filters:
 
     @property
     def test(self) -> str:
-        return self.get("test", "welch")
+        return self.get("test", "t")
 
     @property
     def methods(self) -> Optional[List[str]]:

@@ -7,13 +7,22 @@ One block per (dataset, student, teacher, budget) (see ``harness.report.blocks``
 student-only arm, then each method, then each combination. Per row, from the ``final_miou`` of its
 completed rerun rows (mIoU in percentage points):
 
-- ``mean +- std (n)``: sample std (n - 1);
-- ``lift``: mean(arm) - mean(student-only) with the 95% bootstrap CI of that difference
-  (``harness.stats.bootstrap_diff``: BCa, seed 0, 9999 resamples; percentile where BCa is
-  degenerate);
-- ``p``: two-sided test against the student-only arm, Welch by default (``test=mann-whitney`` for
-  the other), Holm-corrected across the distilled rows of the block; markers * / ** / *** for
-  adjusted p < 0.05 / 0.01 / 0.001. The CSV also holds the raw Welch and Mann-Whitney p-values;
+- ``mean +- std (completed/run)``: sample std (n - 1) over the completed rerun seeds, and how many
+  seeds were started; a seed that failed, collapsed or was stopped is listed under the block with
+  its reason and the row is marked (never silently dropped);
+- ``lift [95% CI]``: the verdict of ``harness.report.verdicts`` (one computation shared with the
+  significance table): paired t on the seeds both arms completed, its t interval; Welch's t and its
+  interval when the arms share fewer than two seeds. The CSV also holds the simultaneous
+  (Bonferroni, 1 - 0.05/m) interval of the family;
+- ``p (Holm)``: that test's two-sided p, Holm-corrected over the block's family "every distilled arm
+  vs the tuned student" (m stated under the block; a display filter never changes it); ``test=
+  permutation`` marks with the exact permutation test instead. Markers * / ** / *** for adjusted
+  p < 0.05 / 0.01 / 0.001;
+- ``d_z``: effect size (mean / sd of the per-seed differences; Hedges' g when unpaired);
+  ``P(impr.)``: share of seed pairs where the distilled arm wins, with its exact 95 % interval;
+- ``MDE``: the smallest lift the design detects at 80 % power with its n and observed sd, at
+  Holm's first-step alpha 0.05/m (statsmodels), ``!`` when the observed |lift| is below it (the
+  design cannot confirm a lift of that size); ``seeds +-1``: seeds per arm a +-1 point interval needs;
 - energy: mean kWh and kg CO2 of one training run (the rerun rows), and the energy of the arm's
   whole sweep (tuning included: every row of its sweep ids, whatever their status);
 - params, FLOPs and CPU latency of the deployed student: measured by ``harness.measure.efficiency``
@@ -29,20 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness import stats
+from harness.report import verdicts as verdicts_
 from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, protocol_of, source_lines
 from harness.report.filters import TESTS, Filters
 from harness.report.render import fmt_p, markdown_table, pct, publish, stars, tex, tex_title
 
 CSV_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("dataset", "string"), ("student", "string"), ("teacher", "string"), ("budget", "string"),
-    ("protocol", "string"), ("row_id", "string"), ("arm", "string"), ("methods", "string"),
-    ("n", "int64"), ("seeds", "string"),
+    ("protocol", "string"), ("row_id", "string"), ("arm", "string"), ("methods", "string"), ("sweep_id", "string"),
+    ("n", "int64"), ("runs", "int64"), ("seeds", "string"), ("miou_by_seed_pct", "string"), ("lost_seeds", "string"),
     ("miou_mean_pct", "float64"), ("miou_std_pct", "float64"),
+    ("design", "string"), ("paired_seeds", "string"),
     ("lift_pct", "float64"), ("lift_ci_low_pct", "float64"), ("lift_ci_high_pct", "float64"),
-    ("ci_method", "string"), ("test", "string"), ("p_raw", "float64"), ("p_holm", "float64"),
-    ("marker", "string"), ("p_welch", "float64"), ("p_mann_whitney", "float64"),
-    ("mann_whitney_min_p", "float64"),
+    ("lift_simultaneous_low_pct", "float64"), ("lift_simultaneous_high_pct", "float64"), ("simultaneous_level", "float64"),
+    ("test", "string"), ("t_statistic", "float64"), ("df", "float64"), ("p_raw", "float64"), ("p_holm", "float64"),
+    ("family", "string"), ("family_size", "Int64"), ("marker", "string"),
+    ("p_permutation", "float64"), ("p_permutation_holm", "float64"), ("permutation_min_p", "float64"),
+    ("effect_size", "float64"), ("effect_name", "string"), ("sd_pct", "float64"),
+    ("p_improvement", "float64"), ("p_improvement_low", "float64"), ("p_improvement_high", "float64"),
+    ("mde_pct", "float64"), ("mde_alpha_family_pct", "float64"), ("underpowered", "boolean"),
+    ("seeds_for_1pt", "Int64"),
     ("best", "bool"), ("within_one_std", "bool"),
     ("energy_kwh_per_run", "float64"), ("co2_kg_per_run", "float64"), ("sweep_energy_kwh", "float64"),
     ("params", "Int64"), ("flops", "Int64"), ("latency_ms", "float64"),
@@ -57,10 +72,7 @@ class Row:
     arm: Arm
     mean: Optional[float] = None
     std: Optional[float] = None
-    lift: Optional[float] = None
-    ci: Optional[stats.Interval] = None
-    welch: Optional[stats.TestResult] = None
-    mann_whitney: Optional[stats.TestResult] = None
+    comparison: Optional[verdicts_.Comparison] = None   # against the tuned student (None: the reference)
     p_raw: Optional[float] = None
     p_holm: Optional[float] = None
     best: bool = False
@@ -74,6 +86,14 @@ class Row:
     def is_baseline(self) -> bool:
         return self.label == STUDENT_ONLY
 
+    @property
+    def verdict(self):
+        return None if self.comparison is None else self.comparison.verdict
+
+    @property
+    def lift(self) -> Optional[float]:
+        return None if self.verdict is None else self.verdict.lift
+
 
 @dataclass
 class BlockTable:
@@ -82,6 +102,7 @@ class BlockTable:
     efficiency: Any = None            # harness.measure.efficiency.Efficiency (plain data) or None
     efficiency_note: str = ""
     notes: List[str] = field(default_factory=list)
+    verdicts: Optional[verdicts_.BlockVerdicts] = None
 
 
 # ------------------------------------------------------------------------------------- compute
@@ -89,20 +110,28 @@ def _order(label: str) -> Tuple[int, int, str]:
     return (0 if label == STUDENT_ONLY else 1, label.count("+"), label)
 
 
-def build_block(block: Block, store=None, test: str = "welch", seed: int = 0, n_resamples: int = 9999,
-                min_seeds: int = 3, efficiency: Any = None) -> BlockTable:
-    """The rows of one block; `efficiency` is the block's measured cost (an object with params,
+def build_block(block: Block, store=None, test: str = "t", min_seeds: int = 3, efficiency: Any = None,
+                verdicts: Optional[verdicts_.BlockVerdicts] = None) -> BlockTable:
+    """The shown rows of one block; the numbers come from `verdicts` (default: computed here over
+    every arm of the block). `efficiency` is the block's measured cost (an object with params,
     flops, latency_ms and describe()), or a text saying why it is missing, or None (no columns)."""
     if test not in TESTS:
         raise ValueError(f"unknown test '{test}'; valid: {', '.join(TESTS)}")
+    verdicts = verdicts if verdicts is not None else verdicts_.verdicts_of(block)
     base = block.baseline
-    table = BlockTable(block, [])
+    table = BlockTable(block, [], verdicts=verdicts)
     if base is None:
         table.notes.append(f"no tuned student-only arm: no completed '{STUDENT_ONLY}' rerun rows for "
                            f"{block.dataset}/{block.student} with budget {block.budget}; lifts and tests n/a "
                            f"(run the sweep's reruns stage for this student)")
-    if not any(label != STUDENT_ONLY for label in block.arms):
+    if not any(label != STUDENT_ONLY for label in block.all_arms):
         table.notes.append("no distilled arm in this block yet: run python -m harness sweep +method=NAME")
+    m = len(verdicts.vs_student)
+    if m:
+        shown = sum(1 for l in block.arms if l != STUDENT_ONLY)
+        table.notes.append(f"family: the {m} distilled arm(s) of this block vs the tuned student-only arm "
+                           f"(Holm over m = {m}" + (f"; {m - shown} hidden by the filter, still counted" if shown < m else "")
+                           + f"; simultaneous intervals at {100 * verdicts_.stats.simultaneous_level(0.95, m):.2f} %)")
     table.notes += block.notes
     for label in sorted(block.arms, key=_order):
         arm = block.arms[label]
@@ -111,20 +140,25 @@ def build_block(block: Block, store=None, test: str = "welch", seed: int = 0, n_
             row.notes.append("one seed: no std, no test")
         elif arm.n < min_seeds:
             row.notes.append(f"{arm.n} seeds < report.min_seeds = {min_seeds}")
-        if label != STUDENT_ONLY and base is not None:
-            comp = stats.compare(arm.values, base.values, seed=seed, n_resamples=n_resamples)
-            row.lift, row.ci, row.welch, row.mann_whitney = comp.interval.diff, comp.interval, comp.welch, comp.mann_whitney
-            chosen = comp.welch if test == "welch" else comp.mann_whitney
-            row.p_raw = chosen.p
-            for text in (comp.interval.note if not comp.interval.available else "", chosen.note if chosen.p is None else "",
-                         comp.mann_whitney.warning if test == "mann-whitney" else ""):
-                if text and text not in row.notes:
+        for lost in arm.lost_reasons():
+            row.notes.append(f"not completed, left out: {lost}")
+        comp = verdicts.vs_student.get(label)
+        if comp is not None:
+            row.comparison = comp
+            row.p_raw = comp.verdict.p if test == "t" else comp.permutation.p
+            row.p_holm = verdicts.p(comp, test)
+            for text in comp.verdict.notes:
+                if text not in row.notes:
                     row.notes.append(text)
+            if test == "permutation" and comp.permutation.warning:
+                row.notes.append(comp.permutation.warning)
+            if comp.verdict.underpowered:
+                row.notes.append(f"underpowered: |lift| {100 * abs(comp.verdict.lift):.2f} < "
+                                 f"{100 * comp.verdict.mde_family:.2f} points, the smallest lift this design detects "
+                                 f"at 80 % power (n = {comp.verdict.n_pairs or min(comp.verdict.n_a, comp.verdict.n_b)}, "
+                                 f"sd {100 * comp.verdict.sd:.2f}, alpha 0.05/{comp.family_size})")
         _energy(row, arm, store)
         table.rows.append(row)
-    holm = stats.holm([r.p_raw for r in table.rows if not r.is_baseline])
-    for r, p in zip([r for r in table.rows if not r.is_baseline], holm.adjusted):
-        r.p_holm = p
     _mark_best(table.rows)
     if isinstance(efficiency, str):
         table.efficiency_note = efficiency
@@ -171,28 +205,70 @@ def build(blocks: Sequence[Block], store=None, efficiency: Optional[Dict[Any, An
     return [build_block(b, store=store, efficiency=(efficiency or {}).get(b.key), **kw) for b in blocks]
 
 
+def underpowered(r: Row) -> bool:
+    """The observed |lift| is below the smallest lift the design detects at the family's alpha."""
+    v = r.verdict
+    return bool(v is not None and v.mde_family is not None and v.lift is not None and abs(v.lift) < v.mde_family)
+
+
 # ---------------------------------------------------------------------------------- rendering
 def _mean_cell(r: Row) -> str:
     if r.mean is None:
-        return MISSING
+        return MISSING if not r.arm.runs else f"{MISSING} (0/{r.arm.runs})"
     std = MISSING if r.std is None else f"{100 * r.std:.2f}"
-    return f"{100 * r.mean:.2f} +- {std} ({r.arm.n})"
+    runs = r.arm.runs
+    mark = "" if runs == r.arm.n else " !"
+    return f"{100 * r.mean:.2f} +- {std} ({r.arm.n}/{runs}){mark}"
 
 
 def _lift_cell(r: Row) -> str:
     if r.is_baseline:
         return "(reference)"
-    if r.lift is None:
+    v = r.verdict
+    if v is None or v.lift is None:
         return MISSING
-    ci = r.ci
-    inner = f"[{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]" if ci is not None and ci.available else f"[{MISSING}]"
-    return f"{100 * r.lift:+.2f} {inner}"
+    inner = f"[{100 * v.low:+.2f}, {100 * v.high:+.2f}]" if v.low is not None else f"[{MISSING}]"
+    return f"{100 * v.lift:+.2f} {inner}" + ("" if v.design != "unpaired" else " W")
 
 
 def _p_cell(r: Row) -> str:
     if r.is_baseline:
         return ""
     return MISSING if r.p_holm is None else f"{fmt_p(r.p_holm)}{stars(r.p_holm)}"
+
+
+def _effect_cell(r: Row) -> str:
+    v = r.verdict
+    if r.is_baseline:
+        return ""
+    return MISSING if v is None or v.effect is None else f"{v.effect:+.2f}"
+
+
+def _improve_cell(r: Row) -> str:
+    v = r.verdict
+    if r.is_baseline:
+        return ""
+    if v is None or v.p_improve is None:
+        return MISSING
+    if v.p_improve_low is None:
+        return f"{v.p_improve:.2f}"
+    return f"{v.p_improve:.2f} [{v.p_improve_low:.2f}, {v.p_improve_high:.2f}]"
+
+
+def _mde_cell(r: Row) -> str:
+    v = r.verdict
+    if r.is_baseline:
+        return ""
+    if v is None or v.mde_family is None:
+        return MISSING
+    return f"{100 * v.mde_family:.2f}" + (" !" if underpowered(r) else "")
+
+
+def _seeds_cell(r: Row) -> str:
+    v = r.verdict
+    if r.is_baseline:
+        return ""
+    return MISSING if v is None or v.seeds_for_halfwidth is None else str(v.seeds_for_halfwidth)
 
 
 def _energy_cell(value: Optional[float], scale: float, digits: int = 3) -> str:
@@ -218,17 +294,28 @@ def _footnotes(t: BlockTable) -> List[str]:
     return out
 
 
-HEADER = ("id", "arm", "mIoU mean +- std (n)", "lift [95% CI]", "p (Holm)", "kWh/run", "g CO2/run",
-          "sweep kWh", "params M", "GFLOPs", "latency ms")
+HEADER = ("id", "arm", "mIoU mean +- std (done/run)", "lift [95% CI]", "p (Holm)", "d_z", "P(impr.) [95% CI]",
+          "MDE", "seeds +-1", "kWh/run", "g CO2/run", "sweep kWh", "params M", "GFLOPs", "latency ms")
+
+LEGEND = ("Tuned arms against the tuned student-only arm (rerun seeds, val mIoU in %). Lift = mean of the per-seed "
+          "differences (paired: both arms rerun the same seeds) with its 95% paired-t interval (W: the arms share "
+          "fewer than two seeds, Welch's interval). p = {test}, Holm-corrected over the block's family (every "
+          "distilled arm vs the tuned student; stated under each block; a filter never changes it) "
+          "(* < 0.05, ** < 0.01, *** < 0.001). d_z = lift / sd of the differences. P(impr.) = share of seeds on which "
+          "the distilled arm beats the student, exact 95% interval. MDE = smallest lift detectable at 80% power with "
+          "this n and sd at Holm's first-step alpha (0.05/m); ! = the observed lift is smaller, this design cannot "
+          "confirm it. seeds +-1 = seeds per arm a +-1 point interval needs at this sd. done/run = completed / started "
+          "seeds (! = some did not complete, listed under the block). **Bold**: best mean of the block; _italic_ "
+          "(underlined in LaTeX): within one std of it.")
 
 
-def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str = "welch",
+def test_name(test: str) -> str:
+    return "paired t-test (Welch when unpaired)" if test == "t" else "exact permutation test"
+
+
+def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str = "t",
                 empty_message: str = "") -> str:
-    lines = ["# Leaderboard", "",
-             f"Tuned arms against the tuned student-only arm (rerun seeds, val mIoU in %). Lift = difference of "
-             f"means with its 95% bootstrap CI; p = {'Welch t-test' if test == 'welch' else 'Mann-Whitney U'} against "
-             f"the student-only arm, Holm-corrected within the block (* < 0.05, ** < 0.01, *** < 0.001). "
-             f"**Bold**: best mean of the block; _italic_ (underlined in LaTeX): within one std of it.", ""]
+    lines = ["# Leaderboard", "", LEGEND.format(test=test_name(test)), ""]
     if not tables:
         lines += [empty_message or "No completed rerun rows in the database.", ""]
     for t in tables:
@@ -238,10 +325,11 @@ def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str =
         for r in t.rows:
             mean = _mean_cell(r)
             mean = f"**{mean}**" if r.best else f"_{mean}_" if r.within_one_std else mean
-            body.append([r.row_id, r.label, mean, _lift_cell(r), _p_cell(r),
+            body.append([r.row_id, r.label, mean, _lift_cell(r), _p_cell(r), _effect_cell(r), _improve_cell(r),
+                         _mde_cell(r), _seeds_cell(r),
                          _energy_cell(r.energy_kwh, 1), _energy_cell(r.co2_kg, 1000),
                          _energy_cell(r.sweep_energy_kwh, 1), params, flops, lat])
-        lines += markdown_table(HEADER, body, "llrrrrrrrrr")
+        lines += markdown_table(HEADER, body, "ll" + "r" * (len(HEADER) - 2))
         notes = _footnotes(t)
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
@@ -250,14 +338,15 @@ def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str =
     return "\n".join(lines).rstrip() + "\n"
 
 
-def to_latex(tables: Sequence[BlockTable], source: Sequence[str], test: str = "welch",
+def to_latex(tables: Sequence[BlockTable], source: Sequence[str], test: str = "t",
              empty_message: str = "") -> str:
-    ncol = len(HEADER) - 1   # the row id goes into the CSV / Markdown only; LaTeX gets the arm
+    ncol = 11   # the row id, seeds +-1 and energy per run go into the CSV / Markdown only
     out = [f"% {s}" for s in source]
     out += [r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", r"\scriptsize",
             r"\begin{tabular}{l" + "r" * (ncol - 1) + "}", r"\toprule",
-            " & ".join([r"Arm", r"mIoU (\%)", r"Lift [95\% CI]", r"$p_\mathrm{Holm}$", r"kWh/run",
-                        r"g CO$_2$/run", r"Sweep kWh", r"Params (M)", r"GFLOPs", r"Latency (ms)"]) + r" \\"]
+            " & ".join([r"Arm", r"mIoU (\%)", r"Lift [95\% CI]", r"$p_\mathrm{Holm}$", r"$d_z$",
+                        r"$P(\mathrm{impr.})$", r"MDE", r"Sweep kWh", r"Params (M)", r"GFLOPs",
+                        r"Latency (ms)"]) + r" \\"]
     if not tables:
         out += [r"\midrule", rf"\multicolumn{{{ncol}}}{{l}}{{{tex(empty_message or 'No completed rerun rows.')}}} \\"]
     for t in tables:
@@ -268,45 +357,68 @@ def to_latex(tables: Sequence[BlockTable], source: Sequence[str], test: str = "w
                 mean = MISSING
             else:
                 std = MISSING if r.std is None else f"{100 * r.std:.2f}"
-                mean = rf"{100 * r.mean:.2f} $\pm$ {std} ({r.arm.n})"
+                mean = rf"{100 * r.mean:.2f} $\pm$ {std} ({r.arm.n}/{r.arm.runs})"
             mean = rf"\textbf{{{mean}}}" if r.best else rf"\underline{{{mean}}}" if r.within_one_std else mean
             p = "" if r.is_baseline else (MISSING if r.p_holm is None else
                                           fmt_p(r.p_holm).replace("<", "$<$") + (f"$^{{{stars(r.p_holm)}}}$" if stars(r.p_holm) else ""))
-            cells = [tex(r.label), mean, tex(_lift_cell(r)).replace("+-", r"$\pm$"), p,
-                     _energy_cell(r.energy_kwh, 1), _energy_cell(r.co2_kg, 1000),
-                     _energy_cell(r.sweep_energy_kwh, 1), params, flops, lat]
+            cells = [tex(r.label), mean, tex(_lift_cell(r)).replace("+-", r"$\pm$"), p, tex(_effect_cell(r)),
+                     tex(_improve_cell(r)), tex(_mde_cell(r)), _energy_cell(r.sweep_energy_kwh, 1), params, flops, lat]
             out.append(" & ".join(cells) + r" \\")
-    test_name = "Welch t-test" if test == "welch" else "Mann-Whitney U"
     out += [r"\bottomrule", r"\end{tabular}",
-            rf"\caption{{Tuned arms against the tuned student-only arm: val mIoU mean $\pm$ std (n seeds), lift with "
-            rf"95\% bootstrap CI, {test_name} p-value Holm-corrected within each block "
-            rf"($^{{*}}$ $<$0.05, $^{{**}}$ $<$0.01, $^{{***}}$ $<$0.001). Best mean in bold, within one std of it "
-            rf"underlined. n/a: see results/leaderboard.md for the reason.}}",
+            rf"\caption{{Tuned arms against the tuned student-only arm: val mIoU mean $\pm$ std (completed/started "
+            rf"seeds), lift = mean per-seed difference with its 95\% paired-$t$ interval (W: Welch, unpaired), "
+            rf"{tex(test_name(test))} $p$-value Holm-corrected over the distilled arms of each block "
+            rf"($^{{*}}$ $<$0.05, $^{{**}}$ $<$0.01, $^{{***}}$ $<$0.001), effect size $d_z$, share of seeds improved "
+            rf"with exact 95\% interval, smallest lift detectable at 80\% power at Holm's first-step $\alpha$ "
+            rf"(! = observed lift below it). Best mean in bold, within one std of it underlined. n/a: see "
+            rf"leaderboard.md for the reason.}}",
             r"\label{tab:leaderboard}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
-def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str = "welch") -> List[Dict[str, Any]]:
+def _seed_values(arm: Arm) -> Optional[str]:
+    """'1:30.12 2:29.87 ...' (percentage points, full precision of the stored value)."""
+    vals = arm.by_seed
+    return " ".join(f"{s}:{100 * vals[s]!r}" for s in sorted(vals)) or None
+
+
+def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str = "t") -> List[Dict[str, Any]]:
     out = []
     for t in tables:
         b, e = t.block, t.efficiency
         for r in t.rows:
-            protocols = sorted({p for p in (protocol_of(x) for x in r.arm.rows) if p})
+            protocols = sorted({p for p in (protocol_of(x) for x in r.arm.rows + r.arm.lost) if p})
+            c, v = r.comparison, r.verdict
+            perm = c.permutation if c else None
             out.append({
                 "dataset": b.dataset, "student": b.student, "teacher": b.teacher, "budget": b.budget,
                 "protocol": ",".join(protocols) or None, "row_id": r.row_id,
                 "arm": STUDENT_ONLY if r.is_baseline else "distilled",
-                "methods": None if r.is_baseline else r.label, "n": r.arm.n,
-                "seeds": " ".join(map(str, r.arm.seeds)) or None,
-                "miou_mean_pct": pct(r.mean, 6), "miou_std_pct": pct(r.std, 6), "lift_pct": pct(r.lift, 6),
-                "lift_ci_low_pct": pct(r.ci.low, 6) if r.ci else None,
-                "lift_ci_high_pct": pct(r.ci.high, 6) if r.ci else None,
-                "ci_method": (r.ci.method or None) if r.ci else None,
-                "test": None if r.is_baseline else test, "p_raw": r.p_raw, "p_holm": r.p_holm,
+                "methods": None if r.is_baseline else r.label.split("@")[0],
+                "sweep_id": ",".join(r.arm.sweep_ids) or None, "n": r.arm.n, "runs": r.arm.runs,
+                "seeds": " ".join(map(str, r.arm.seeds)) or None, "miou_by_seed_pct": _seed_values(r.arm),
+                "lost_seeds": "; ".join(r.arm.lost_reasons()) or None,
+                "miou_mean_pct": pct(r.mean, 6), "miou_std_pct": pct(r.std, 6),
+                "design": v.design or None if v else None,
+                "paired_seeds": " ".join(map(str, v.seeds)) or None if v else None,
+                "lift_pct": pct(v.lift, 6) if v else None,
+                "lift_ci_low_pct": pct(v.low, 6) if v else None, "lift_ci_high_pct": pct(v.high, 6) if v else None,
+                "lift_simultaneous_low_pct": pct(c.simultaneous[0], 6) if c else None,
+                "lift_simultaneous_high_pct": pct(c.simultaneous[1], 6) if c else None,
+                "simultaneous_level": c.simultaneous_level if c else None,
+                "test": (v.test or None) if v and test == "t" else (perm.test if perm else None),
+                "t_statistic": v.statistic if v else None, "df": v.df if v else None,
+                "p_raw": r.p_raw, "p_holm": r.p_holm,
+                "family": f"{c.family} of block {b.title}" if c else None, "family_size": c.family_size if c else None,
                 "marker": stars(r.p_holm) or None,
-                "p_welch": r.welch.p if r.welch else None,
-                "p_mann_whitney": r.mann_whitney.p if r.mann_whitney else None,
-                "mann_whitney_min_p": r.mann_whitney.min_p if r.mann_whitney else None,
+                "p_permutation": perm.p if perm else None, "p_permutation_holm": c.p_perm_holm if c else None,
+                "permutation_min_p": perm.min_p if perm else None,
+                "effect_size": v.effect if v else None, "effect_name": (v.effect_name or None) if v else None,
+                "sd_pct": pct(v.sd, 6) if v else None,
+                "p_improvement": v.p_improve if v else None, "p_improvement_low": v.p_improve_low if v else None,
+                "p_improvement_high": v.p_improve_high if v else None,
+                "mde_pct": pct(v.mde, 6) if v else None, "mde_alpha_family_pct": pct(v.mde_family, 6) if v else None,
+                "underpowered": v.underpowered if v else None, "seeds_for_1pt": v.seeds_for_halfwidth if v else None,
                 "best": r.best, "within_one_std": r.within_one_std,
                 "energy_kwh_per_run": r.energy_kwh, "co2_kg_per_run": r.co2_kg,
                 "sweep_energy_kwh": r.sweep_energy_kwh,

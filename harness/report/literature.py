@@ -4,8 +4,8 @@ Prints and writes ``results/literature.md``: every entry of ``literature.yaml`` 
 student-only and distilled mIoU of paper 003's Table 1 and of the seed papers' tables, with paper
 and table), its **published lift** (distilled - student-only, as printed), and, where the results
 database has a tuned comparison for the same method (label as the leaderboard writes it, e.g.
-``cwd+gskd``), **our lift** over the tuned student-only arm (mean of the rerun seeds, 95% bootstrap
-CI) and the **lift inflation** = published lift - our lift.
+``cwd+gskd``), **our lift** over the tuned student-only arm (mean of the per-seed differences, the
+leaderboard's 95% paired-t interval) and the **lift inflation** = published lift - our lift.
 
 Which of our comparisons stands next to a published row: the block (dataset, student, teacher,
 budget) with the same method on the same dataset if there is one, otherwise the block with the
@@ -27,6 +27,7 @@ from harness import stats
 from harness.report.blocks import MISSING, STUDENT_ONLY, Block, load_blocks, method_label, source_lines
 from harness.report.filters import Filters
 from harness.report.render import markdown_table
+from harness.report.verdicts import verdicts_of
 
 DATA_FILE = Path(__file__).with_name("literature.yaml")
 REQUIRED = ("paper", "table", "dataset", "student", "teacher", "method", "student_only", "distilled")
@@ -85,8 +86,12 @@ def our_lifts(store, seed: int = 0, n_resamples: int = 9999) -> Dict[str, List[O
         for label, arm in block.arms.items():
             if label == STUDENT_ONLY or not arm.n or not base.n:
                 continue
-            ci = stats.bootstrap_diff(arm.values, base.values, seed=seed, n_resamples=n_resamples)
-            out.setdefault(label, []).append(Ours(block, label, 100 * ci.diff, ci, arm.n, base.n))
+            comp = verdicts_of(block).vs_student.get(label)
+            if comp is None or comp.verdict.lift is None:
+                continue
+            v = comp.verdict  # the leaderboard's verdict: paired t interval (Welch when unpaired)
+            ci = stats.Interval(v.lift, v.low, v.high, method=v.test)
+            out.setdefault(label, []).append(Ours(block, label, 100 * v.lift, ci, arm.n, base.n))
     return out
 
 
@@ -108,8 +113,8 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
                 filters: str = "none") -> str:
     lines = ["# Published lifts next to ours", "",
              "Published: the student-only (S only) and distilled (+T) mIoU (%) as printed, and their difference. "
-             "Ours: the lift of the same method over our tuned student-only arm (mean of the rerun seeds, 95% "
-             "bootstrap CI; setting = dataset, student <- teacher, budget, seeds distilled/student-only). "
+             "Ours: the lift of the same method over our tuned student-only arm (mean of the per-seed differences, "
+             "the leaderboard's 95% paired-t interval; setting = dataset, student <- teacher, budget, seeds distilled/student-only). "
              "Inflation = published lift - our lift. (k Ls): k loss terms besides CE (paper 003, Table 1); (tuned S): "
              "the student-only arm was tuned; (re-run): the authors re-ran the method. "
              "Data: harness/report/literature.yaml.", ""]

@@ -1,24 +1,24 @@
 """Method x method significance matrices: ``python -m harness significance``.
 
 Writes ``reports/significance.md`` and ``.tex``. For each block (dataset, student, teacher, budget;
-see ``harness.report.blocks``) and every unordered pair of its arms (student-only included):
+see ``harness.report.blocks``) and every pair of its arms, the numbers of ``harness.report.verdicts``
+(computed once per block, the same objects the leaderboard prints):
 
-- the difference of mean val mIoU (row minus column, percentage points) with its 95% bootstrap CI
-  (``harness.stats.bootstrap_diff``, seed 0; the mirrored cell is the negated interval);
-- Welch's two-sided p-value and, as a second test, Mann-Whitney U's, each Holm-adjusted over the
-  k(k-1)/2 pairs of the block (one family per test);
-- a warning wherever the numbers of seeds make Mann-Whitney's p < 0.05 impossible (its minimum
-  two-sided p with n_a and n_b values is 2 / C(n_a + n_b, n_a));
+- the lift (row minus column, percentage points): mean of the per-seed differences with its 95 %
+  paired-t interval (Welch's when the arms share fewer than two seeds);
+- two-sided p-values of that t-test / of the exact permutation test, each Holm-adjusted within its
+  **family**: "vs the tuned student" (every distilled arm against the student-only arm: the
+  leaderboard's family, so those cells equal the leaderboard's numbers) and "between methods"
+  (every pair of distilled arms). The families are the block's, whatever the filters show;
 - cells whose arms have fewer seeds than ``report.min_seeds`` (config, default 3) marked with a dagger.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness import stats
+from harness.report import verdicts as verdicts_
 from harness.report.blocks import MISSING, STUDENT_ONLY, Block, load_blocks, source_lines
 from harness.report.filters import Filters
 from harness.report.render import fmt_p, markdown_table, publish, stars, tex, tex_title
@@ -27,73 +27,53 @@ DAGGER = "+"          # Markdown marker of a cell below min_seeds (LaTeX: \dagge
 
 
 @dataclass
-class Pair:
-    a: str
-    b: str
-    comparison: stats.Comparison
-    p_welch_holm: Optional[float] = None
-    p_mw_holm: Optional[float] = None
-    below_min_seeds: bool = False
-
-
-@dataclass
 class Matrix:
     block: Block
-    labels: List[str]
-    pairs: Dict[Tuple[str, str], Pair]     # keyed (a, b) with a before b in `labels`
+    labels: List[str]                       # the shown arms, student-only first
+    verdicts: verdicts_.BlockVerdicts       # every arm of the block (the families)
     min_seeds: int
     notes: List[str] = field(default_factory=list)
 
-    def pair(self, a: str, b: str) -> Tuple[Optional[Pair], int]:
-        """The pair of a and b and the sign of (a - b) relative to it."""
-        if (a, b) in self.pairs:
-            return self.pairs[(a, b)], 1
-        if (b, a) in self.pairs:
-            return self.pairs[(b, a)], -1
-        return None, 0
+    def pair(self, a: str, b: str) -> Tuple[Optional[verdicts_.Comparison], int]:
+        """The comparison of a and b and the sign of (a - b) relative to it."""
+        return self.verdicts.get(a, b)
+
+    def below_min_seeds(self, a: str, b: str) -> bool:
+        return min(self.block.all_arms[a].n, self.block.all_arms[b].n) < self.min_seeds
 
 
 def _order(label: str) -> Tuple[int, int, str]:
     return (0 if label == STUDENT_ONLY else 1, label.count("+"), label)
 
 
-def build_matrix(block: Block, min_seeds: int = 3, seed: int = 0, n_resamples: int = 9999) -> Matrix:
+def build_matrix(block: Block, min_seeds: int = 3, verdicts: Optional[verdicts_.BlockVerdicts] = None) -> Matrix:
     labels = sorted(block.arms, key=_order)
-    pairs: Dict[Tuple[str, str], Pair] = {}
-    for a, b in itertools.combinations(labels, 2):
-        va, vb = block.arms[a].values, block.arms[b].values
-        pairs[(a, b)] = Pair(a, b, stats.compare(va, vb, seed=seed, n_resamples=n_resamples),
-                             below_min_seeds=min(len(va), len(vb)) < min_seeds)
-    keys = list(pairs)
-    for attr, test in (("p_welch_holm", "welch"), ("p_mw_holm", "mann_whitney")):
-        adjusted = stats.holm([getattr(pairs[k].comparison, test).p for k in keys]).adjusted
-        for k, p in zip(keys, adjusted):
-            setattr(pairs[k], attr, p)
-    m = Matrix(block, labels, pairs, min_seeds)
+    v = verdicts if verdicts is not None else verdicts_.verdicts_of(block)
+    m = Matrix(block, labels, v, min_seeds)
     if len(labels) < 2:
         m.notes.append("only one arm in this block: nothing to compare")
     if STUDENT_ONLY not in labels:
         m.notes.append("no tuned student-only arm in this block")
+    m1, m2 = v.family_sizes
+    hidden = len(block.all_arms) - len(labels)
+    m.notes.append(f"families: vs the tuned student (Holm over {m1}, the leaderboard's), between methods "
+                   f"(Holm over {m2} pairs)" + (f"; {hidden} arm(s) hidden by the filter still count" if hidden else ""))
     m.notes += block.notes
     for label in labels:
-        n = block.arms[label].n
-        if n < min_seeds:
-            m.notes.append(f"{label}: {n} seed(s) < report.min_seeds = {min_seeds}; its cells are marked {DAGGER}")
-    warned = set()
-    for p in pairs.values():
-        u = p.comparison.mann_whitney
-        key = tuple(sorted((u.n_a, u.n_b)))
-        if u.warning and key not in warned:
-            warned.add(key)
-            m.notes.append(f"Mann-Whitney: {u.warning} (e.g. {p.a} vs {p.b})")
-        w = p.comparison.welch
-        if w.p is None:
-            m.notes.append(f"{p.a} vs {p.b}: {w.note}")
-    floors = [p.comparison.mann_whitney.min_p for p in pairs.values() if p.comparison.mann_whitney.min_p]
-    if len(pairs) > 1 and floors and len(pairs) * min(floors) >= stats.ALPHA:
-        m.notes.append(f"Mann-Whitney after Holm over {len(pairs)} pairs: the smallest adjusted p any data could "
-                       f"give is {len(pairs)} x {min(floors):.3g} = {min(1.0, len(pairs) * min(floors)):.3g}, so no pair "
-                       f"can reach {stats.ALPHA:g} with these seeds")
+        arm = block.all_arms[label]
+        if arm.n < min_seeds:
+            m.notes.append(f"{label}: {arm.n} seed(s) < report.min_seeds = {min_seeds}; its cells are marked {DAGGER}")
+        for lost in arm.lost_reasons():
+            m.notes.append(f"{label}: not completed, left out: {lost}")
+    floors = set()
+    for c in list(v.vs_student.values()) + list(v.between.values()):
+        if c.a not in labels or c.b not in labels:
+            continue
+        for text in c.verdict.notes:
+            m.notes.append(f"{c.a} vs {c.b}: {text}")
+        if c.permutation.warning and c.permutation.min_p not in floors:
+            floors.add(c.permutation.min_p)
+            m.notes.append(f"permutation test: {c.permutation.warning} (e.g. {c.a} vs {c.b}), so it cannot reach 0.05")
     return m
 
 
@@ -106,16 +86,18 @@ def diff_text(m: Matrix, a: str, b: str, latex: bool = False) -> str:
     if a == b:
         return "--" if latex else "-"
     pair, sign = m.pair(a, b)
-    ci = pair.comparison.interval
-    if ci.diff is None:
+    v = None if pair is None else pair.verdict
+    if v is None or v.lift is None:
         return MISSING
-    d = sign * ci.diff
-    if ci.available:
-        lo, hi = (ci.low, ci.high) if sign > 0 else (-ci.high, -ci.low)
+    d = sign * v.lift
+    if v.low is not None:
+        lo, hi = (v.low, v.high) if sign > 0 else (-v.high, -v.low)
         text = f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
     else:
         text = f"{100 * d:+.2f} [{MISSING}]"
-    if pair.below_min_seeds:
+    if v.design == "unpaired":
+        text += " W"
+    if m.below_min_seeds(a, b):
         text += r"$^\dagger$" if latex else f" {DAGGER}"
     return text
 
@@ -124,6 +106,8 @@ def p_text(m: Matrix, a: str, b: str, latex: bool = False) -> str:
     if a == b:
         return "--" if latex else "-"
     pair, _ = m.pair(a, b)
+    if pair is None:
+        return MISSING
 
     def one(p):
         if p is None:
@@ -135,8 +119,8 @@ def p_text(m: Matrix, a: str, b: str, latex: bool = False) -> str:
             s += stars(p)
         return s
 
-    text = f"{one(pair.p_welch_holm)} / {one(pair.p_mw_holm)}"
-    if pair.below_min_seeds:
+    text = f"{one(pair.p_holm)} / {one(pair.p_perm_holm)}"
+    if m.below_min_seeds(a, b):
         text += r"$^\dagger$" if latex else f" {DAGGER}"
     return text
 
@@ -150,19 +134,21 @@ def _arm_line(m: Matrix, label: str) -> str:
 
 def to_markdown(mats: Sequence[Matrix], source: Sequence[str], empty_message: str = "") -> str:
     lines = ["# Significance", "",
-             "For every pair of arms of a block: the difference of mean val mIoU (row minus column, % points) "
-             "with its 95% bootstrap CI, and two-sided p-values of Welch's t-test / Mann-Whitney U, each "
-             "Holm-adjusted over the pairs of the block (* < 0.05, ** < 0.01, *** < 0.001). "
-             f"{DAGGER}: an arm of the pair has fewer seeds than report.min_seeds.", ""]
+             "For every pair of arms of a block: the lift (row minus column, mean of the per-seed differences, "
+             "val mIoU % points) with its 95% paired-t interval (W: Welch, the arms share fewer than two seeds), "
+             "and two-sided p-values of that t-test / of the exact permutation test, each Holm-adjusted within "
+             "its family: vs the tuned student (the leaderboard's family: same numbers) or between methods "
+             f"(* < 0.05, ** < 0.01, *** < 0.001). {DAGGER}: an arm of the pair has fewer seeds than "
+             "report.min_seeds.", ""]
     if not mats:
         lines += [empty_message or "No completed rerun rows in the database.", ""]
     for m in mats:
         lines += [f"## {m.block.title}", ""] + [f"- {_arm_line(m, l)}" for l in m.labels] + [""]
         if len(m.labels) >= 2:
-            lines += ["Difference row - column [95% CI]:", ""]
+            lines += ["Lift row - column [95% CI]:", ""]
             lines += markdown_table([""] + m.labels, [[a] + [diff_text(m, a, b) for b in m.labels] for a in m.labels],
                                     "l" + "r" * len(m.labels))
-            lines += ["", "p (Welch, Holm) / p (Mann-Whitney, Holm):", ""]
+            lines += ["", "p (t, Holm in its family) / p (permutation, Holm in its family):", ""]
             lines += markdown_table([""] + m.labels, [[a] + [p_text(m, a, b) for b in m.labels] for a in m.labels],
                                     "l" + "r" * len(m.labels))
         if m.notes:
@@ -185,16 +171,17 @@ def to_latex(mats: Sequence[Matrix], source: Sequence[str], empty_message: str =
         k = len(m.labels)
         head = " & ".join([""] + [tex(l) for l in m.labels]) + r" \\"
         out += [r"\begin{table}[t]", r"\centering", r"\scriptsize", r"\begin{tabular}{l" + "r" * k + "}", r"\toprule",
-                rf"\multicolumn{{{k + 1}}}{{l}}{{Difference row $-$ column (mIoU \%) [95\% CI]}} \\", r"\midrule", head,
+                rf"\multicolumn{{{k + 1}}}{{l}}{{Lift row $-$ column (mIoU \%) [95\% paired-$t$ CI]}} \\", r"\midrule", head,
                 r"\midrule"]
         out += [" & ".join([tex(a)] + [diff_text(m, a, b, latex=True) for b in m.labels]) + r" \\" for a in m.labels]
-        out += [r"\midrule", rf"\multicolumn{{{k + 1}}}{{l}}{{$p$ Welch / $p$ Mann-Whitney, both Holm-adjusted}} \\",
+        out += [r"\midrule", rf"\multicolumn{{{k + 1}}}{{l}}{{$p$ ($t$) / $p$ (permutation), Holm-adjusted within each family}} \\",
                 r"\midrule", head, r"\midrule"]
         out += [" & ".join([tex(a)] + [p_text(m, a, b, latex=True) for b in m.labels]) + r" \\" for a in m.labels]
         out += [r"\bottomrule", r"\end{tabular}",
-                rf"\caption{{{tex_title(m.block.title)}: pairwise differences with 95\% bootstrap CIs and Holm-adjusted "
-                rf"p-values over the {k * (k - 1) // 2} pairs ($^{{*}}$ $<$0.05, $^{{**}}$ $<$0.01, $^{{***}}$ $<$0.001); "
-                rf"$^\dagger$: fewer than {m.min_seeds} seeds.}}",
+                rf"\caption{{{tex_title(m.block.title)}: pairwise lifts with 95\% paired-$t$ intervals and $p$-values "
+                rf"Holm-adjusted within their family (vs the tuned student: {m.verdicts.family_sizes[0]} comparisons; "
+                rf"between methods: {m.verdicts.family_sizes[1]}) ($^{{*}}$ $<$0.05, $^{{**}}$ $<$0.01, "
+                rf"$^{{***}}$ $<$0.001); $^\dagger$: fewer than {m.min_seeds} seeds.}}",
                 rf"\label{{tab:significance-{i}}}", r"\end{table}", ""]
     return "\n".join(out) + "\n"
 
