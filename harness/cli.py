@@ -111,7 +111,7 @@ def write_leaderboard(cfg, store, filters, blocks=None) -> None:
     from harness.report import leaderboard
 
     blocks = _blocks(store, filters, blocks)
-    leaderboard.write(cfg, store, filters, blocks, efficiency=for_blocks(blocks))
+    leaderboard.write(cfg, store, filters, blocks, efficiency=for_blocks(blocks, latency=cfg["report"]["measure"]))
 
 
 def write_significance(cfg, store, filters, blocks=None) -> None:
@@ -219,6 +219,29 @@ def cmd_show(overrides: List[str]) -> int:
     return 0
 
 
+def cmd_export(overrides: List[str]) -> int:
+    """Every row of the store (read-only) as JSON Lines, to stdout or `out=PATH`; `redact=/a,/b`
+    replaces those absolute directories by <redacted> (rows shipped without a machine's paths)."""
+    from pathlib import Path
+
+    from harness.store import ResultsStore, export_lines
+
+    mine = {k: v for k, _, v in (o.partition("=") for o in overrides if o.startswith(("out=", "redact=")))}
+    cfg = load_config([o for o in overrides if not o.startswith(("out=", "redact="))])
+    store = ResultsStore(cfg["store"]["url"], readonly=True)
+    text = "".join(line + "\n" for line in export_lines(store, [p for p in mine.get("redact", "").split(",") if p]))
+    if not mine.get("out"):
+        sys.stdout.write(text)
+        return 0
+    out = Path(mine["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)  # atomic: a reader never sees half a file
+    print(f"written: {out} ({text.count(chr(10))} rows of {store.url})", file=sys.stderr)
+    return 0
+
+
 def cmd_reproduce(args: List[str]) -> int:
     from harness.reproduce import main as run
 
@@ -239,6 +262,9 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
                            "figures (optimisation history, response curves, seeds, Pareto, teacher entropy)"),
     "show": (cmd_show, "reports/show_*.png: input, ground truth, teacher, tuned student-only and distilled "
                        "predictions in the dataset's palette; filters dataset= student= teacher= +method="),
+    "export": (cmd_export, "every row of the results database as JSON Lines (one row a line, oldest first, exact "
+                           "floats), to stdout or out=PATH; read-only; redact=/abs/dir,... hides those directories; "
+                           "store.url=<file>.jsonl reads such a file back (read-only)"),
     "reproduce": (cmd_reproduce, "reproduce <row-id> [--seed N]: re-run the configuration behind a leaderboard "
                                  "row and compare with the stored value"),
     "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "

@@ -202,6 +202,7 @@ class SweepConfig:
 class ReportConfig:
     min_seeds: int = param(3, low=0, low_open=True)  # tables mark comparisons with fewer rerun seeds per arm
     after_sweep: bool = True  # regenerate leaderboard, tables and figures when a sweep ends
+    measure: bool = True  # measure models now (latency, inference energy, teacher entropy); false: the database only
 
 
 @dataclass

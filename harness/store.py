@@ -11,6 +11,11 @@ when a deferred read transaction tries to upgrade to a write lock.  Each ``appen
 ``update`` is one transaction.  Schema creation runs in such a transaction with
 ``checkfirst`` and additionally tolerates the "already exists" race that other backends can
 raise when two processes create the schema at the same moment.
+
+A text export (JSON Lines, `export_lines`; ``python -m harness export``) holds one stored row per
+line, in the table's column order, rows oldest first; ``store.url=<path>.jsonl`` opens such a file
+as a **read-only** store (a private in-memory SQLite loaded from it): the shipped evidence
+(``evidence/runs.jsonl``) is read this way, and any write names the file in a StoreError.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ SCHEMA_VERSION = 1
 TABLE_NAME = "runs"
 META_TABLE_NAME = "meta"
 SQLITE_BUSY_TIMEOUT_S = 60.0
+JSONL_SUFFIX = ".jsonl"
+REDACTED = "<redacted>"
 
 # (name, type) in the order they appear in the table and in COLUMNS.
 _COLUMN_SPECS: tuple[tuple[str, Any], ...] = (
@@ -169,8 +176,17 @@ def normalize_url(url: str | os.PathLike, create: bool = True) -> str:
     return url
 
 
+def is_jsonl(url: str | os.PathLike) -> bool:
+    """Whether `url` names a JSON Lines export (a path ending in .jsonl, not a URL)."""
+    url = os.fspath(url)
+    return "://" not in url and url.lower().endswith(JSONL_SUFFIX)
+
+
 def database_exists(url: str | os.PathLike) -> bool:
-    """False only for an SQLite file that is not there (a server database is taken to exist)."""
+    """False only for an SQLite file or a JSON Lines export that is not there (a server database is
+    taken to exist)."""
+    if is_jsonl(url):
+        return os.path.isfile(os.path.expanduser(os.fspath(url)))
     try:
         normalize_url(url, create=False)
     except MissingDatabase:
@@ -210,7 +226,12 @@ class ResultsStore:
     def __init__(self, url: str | os.PathLike, readonly: bool = False):
         """Open (and, unless `readonly`, create the schema of) the database at `url`. `readonly`: a
         command that only reads; it never creates a database, never takes a write lock and so never
-        waits for a writer. Anything that makes the database unusable is a StoreError."""
+        waits for a writer. Anything that makes the database unusable is a StoreError. A path ending
+        in .jsonl is a text export, loaded read-only (`_load_jsonl`)."""
+        self.jsonl: str | None = None
+        if is_jsonl(url):
+            self._load_jsonl(os.fspath(url), readonly)
+            return
         self.url = normalize_url(url, create=not readonly)
         self.readonly = readonly
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
@@ -284,6 +305,45 @@ class ResultsStore:
 
     def _read(self):
         return self.engine.connect().execution_options(harness_readonly=True)
+
+    # ---- JSON Lines export, loaded read-only ----------------------------------------------
+
+    def _load_jsonl(self, path: str, readonly: bool) -> None:
+        """A private in-memory SQLite database holding the rows of the JSON Lines file `path`."""
+        from sqlalchemy.pool import StaticPool
+
+        self.url = os.path.normpath(path)  # as given (relative to the current directory, or absolute)
+        self.jsonl = os.path.abspath(os.path.expanduser(path))
+        self.readonly, self.is_sqlite = True, True
+        if not readonly:
+            raise StoreError(f"store.url {self.url} is a JSON Lines export of a results database, which the "
+                             f"harness only reads; a command that writes (train, teacher, sweep) needs a "
+                             f"database: store.url=<path>.db or a server URL")
+        if not os.path.isfile(self.jsonl):
+            raise MissingDatabase(f"no results file at {self.jsonl} (store.url): a command that only reads "
+                                  f"never creates one; point store.url at an existing .jsonl export or database")
+        rows, seen, number = [], {}, 0
+        try:
+            with open(self.jsonl, encoding="utf-8") as fh:
+                for number, line in enumerate(fh, start=1):
+                    if line.strip():
+                        row = line_to_row(line)
+                        if row["run_id"] in seen:
+                            raise ValueError(f"run_id {row['run_id']!r} already on line {seen[row['run_id']]}")
+                        seen[row["run_id"]] = number
+                        rows.append(row)
+        except ValueError as exc:
+            raise StoreError(f"{self.url} line {number} (store.url): {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.url} (store.url): {exc}") from None
+        self.engine = sa.create_engine("sqlite://", poolclass=StaticPool,
+                                       connect_args={"check_same_thread": False})
+        with self.engine.begin() as conn:
+            _metadata.create_all(conn)
+            conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            if rows:
+                conn.execute(runs_table.insert(), rows)
+        self._install_sqlite_events(self.engine, readonly=True)
 
     # ---- schema ---------------------------------------------------------------------
 
@@ -397,6 +457,9 @@ class ResultsStore:
     # ---- public API -----------------------------------------------------------------
 
     def _writable(self) -> None:
+        if self.jsonl is not None:
+            raise StoreError(f"{self.url} is a JSON Lines export loaded read-only (store.url): nothing is written "
+                             f"to it; write to a database (store.url=<path>.db) instead")
         if self.readonly:
             raise StoreError(f"{self!r} was opened read-only")
 
@@ -471,4 +534,61 @@ class ResultsStore:
         return (type(self), (self.url, self.readonly))
 
     def __repr__(self) -> str:
+        if self.jsonl is not None:
+            return f"ResultsStore({self.url!r})"
         return f"ResultsStore({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+
+# --------------------------------------------------------------------------- JSON Lines
+
+
+def row_to_line(row: dict) -> str:
+    """One stored row (as `ResultsStore.query` returns it) as one JSON line: every column in the
+    table's order, *_json columns as JSON values with sorted keys, floats as Python's repr (exact)."""
+    return "{" + ", ".join(f"{json.dumps(c)}: {json.dumps(row.get(c), sort_keys=True, default=_json_default)}"
+                           for c in COLUMNS) + "}"
+
+
+def line_to_row(line: str) -> dict:
+    """The column values of one JSON line, encoded as the table stores them; ValueError says why not."""
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON object (one row) expected, got {type(data).__name__}")
+    unknown = sorted(k for k in data if k not in COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}")
+    if not isinstance(data.get("run_id"), str) or not data["run_id"]:
+        raise ValueError("no run_id")
+    out = {}
+    for col in COLUMNS:
+        value = data.get(col)
+        if value is None:
+            out[col] = None
+        elif col in JSON_COLUMNS:
+            out[col] = dumps_json(value)  # always a JSON value, even a string
+        elif col in INT_COLUMNS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"column {col}: expected an integer, got {value!r}")
+        elif col in FLOAT_COLUMNS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"column {col}: expected a number, got {value!r}")
+        elif col in TEXT_COLUMNS and not isinstance(value, str):
+            raise ValueError(f"column {col}: expected a string, got {value!r}")
+        else:
+            out[col] = ResultsStore._encode_value(col, value)
+    return out
+
+
+def export_lines(store: ResultsStore, redact: Iterable[str] = ()) -> Iterable[str]:
+    """Every row of `store` as a JSON line (`row_to_line`), oldest first (created_at, then run_id).
+    Each absolute path prefix in `redact` is replaced by REDACTED wherever it starts a path (to ship
+    rows without the directories of the machine that made them); nothing else is changed."""
+    import re
+
+    patterns = [re.compile(re.escape(p.rstrip("/\\")) + r"(?=[/\\\"]|$)") for p in redact if p.strip("/\\")]
+    for row in store.query():
+        line = row_to_line(row)
+        for pattern in patterns:
+            line = pattern.sub(REDACTED, line)
+        yield line

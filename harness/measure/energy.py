@@ -83,6 +83,16 @@ def measure_inference(model_cfg: dict, dataset_cfg: dict, energy_cfg: dict, devi
     return out
 
 
+def not_measured(model_cfg: dict, dataset_cfg: dict, energy_cfg: dict, device: Any, output_dir: str,
+                 batch_size: int, **_) -> Dict[str, Any]:
+    """What `measure_inference` returns when report.measure=false: no value, and why."""
+    return {"model": model_cfg.get("name"), "device": str(device), "batch_size": batch_size,
+            "image_size": list(dataset_cfg["image_size"]), "images": 0, "seconds": 0.0, "tracker": None,
+            "energy_kwh": None, "co2_kg": None, "carbon_intensity_g_per_kwh": None, "carbon_intensity_source": None,
+            "cpu_power_mode": None, "notes": [], "kwh_10k": None, "co2_10k": None,
+            "reason": f"{MISSING} (not measured: report.measure=false)"}
+
+
 class InferenceCache:
     """One measurement per (model, dataset size, batch, device) for the whole report."""
 
@@ -105,7 +115,10 @@ class InferenceCache:
 def inference_for_blocks(cfg: dict, blocks: Sequence[Any], measure=None, **measure_kwargs
                          ) -> Dict[Any, Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]]:
     """block key -> (student, teacher) inference measurement (None where the block has no such
-    configuration), in block order; `measure` replaces `measure_inference` (tests)."""
+    configuration), in block order; `measure` replaces `measure_inference` (tests). With
+    report.measure=false nothing runs: each model's entry says it was not measured."""
+    if not cfg["report"]["measure"]:
+        measure = not_measured
     inference = InferenceCache(cfg, measure or measure_inference, **measure_kwargs)
     out = {}
     for block in blocks:

@@ -107,6 +107,9 @@ def measure_entropy(cfg: dict, blocks: Sequence[Any], temperatures: Sequence[flo
 
     out: List[Union[TeacherEntropy, str]] = []
     for tcfg in teacher_configs(cfg, blocks):
+        if not cfg["report"]["measure"]:
+            out.append(f"teacher {tcfg['teacher']['name']} not measured (report.measure=false)")
+            continue
         model, why = cached_teacher(tcfg)
         if model is None:
             out.append(why)

@@ -265,6 +265,9 @@ def block_report(store, block: Block, cfg: dict, inference: Inference) -> Tuple[
     for m, who in ((inf_s, "student"), (inf_t, "teacher")):
         if m is None:
             continue
+        if not m["images"]:  # nothing ran (report.measure=false)
+            lines.append(f"Inference ({who} {m['model']}): {m['reason']}.")
+            continue
         lines.append(f"Inference ({who} {m['model']}): {m['images']} images of {m['image_size'][0]}x"
                      f"{m['image_size'][1]} in batches of {m['batch_size']} on {m['device']}, "
                      f"{m['seconds']:.2f} s timed after one warm-up batch, extrapolated x "
