@@ -244,3 +244,29 @@ def test_a_garbage_cached_meta_json_is_a_teacher_error(tiny, tmp_path):
 def test_a_model_name_cannot_leave_the_cache_folder(tiny):
     with pytest.raises(ConfigError, match="names cache folders"):
         load_config(tiny("+method=kd", "teacher.name=../../x"))
+
+
+def test_the_teacher_cache_key_changes_with_the_code_that_trains_it(tiny, tmp_path, monkeypatch):
+    """A change in training code never reuses a stale teacher: the key hashes the training source."""
+    from harness.engine import teacher as tm
+
+    cfg = load_config(tiny())
+    before_key, before_digest = tm.teacher_key(cfg), tm.training_code_digest()
+    assert tm.teacher_key(cfg) == before_key                      # deterministic
+    root = tmp_path / "harness"
+    import shutil
+    from pathlib import Path
+    shutil.copytree(Path(tm.__file__).resolve().parents[1], root, ignore=shutil.ignore_patterns("__pycache__"))
+    fake = root / "engine" / "teacher.py"
+    monkeypatch.setattr(tm, "__file__", str(fake))
+    assert tm.training_code_digest() == before_digest              # same bytes, another place: same key
+    loop = root / "engine" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# a change in how every run trains\n")
+    assert tm.training_code_digest() != before_digest and tm.teacher_key(cfg) != before_key
+    loop.write_text(loop.read_text().replace("\n", "\r\n"))        # line endings alone change nothing
+    changed = tm.training_code_digest()
+    loop.write_text(loop.read_text().replace("\r\n", "\n"))
+    assert tm.training_code_digest() == changed
+    methods = root / "methods" / "kd.py"                           # a method's code: not the teacher's
+    methods.write_text(methods.read_text() + "\n# kd only\n")
+    assert tm.training_code_digest() == changed

@@ -3,8 +3,10 @@
 The cache lives in `<paths.cache>/teachers/<key>/` with `teacher.pt` (a state dict) and
 `meta.json` (provenance: checkpoint sha256, val mIoU re-measured by our evaluator on the whole val
 split, the run that trained it). The key hashes the teacher's model and training settings, the
-dataset and the teacher's budget, so changing any of them trains a new teacher and changing the
-student's hyperparameters never does. A file lock makes concurrent trials wait for one training
+dataset, the teacher's budget and ``training_code_digest()`` (the bytes of the source files that
+decide how a teacher trains: the loop, the run setup, the models, the data, the config defaults),
+so changing any of them, code included, trains a new teacher, and changing the student's
+hyperparameters never does. A stale teacher from older training code is never reused silently. A file lock makes concurrent trials wait for one training
 instead of each training its own.
 
 Every teacher handed to a method is frozen: eval mode, requires_grad False, called under no-grad.
@@ -44,10 +46,32 @@ class TeacherError(ConfigError):
     """A teacher checkpoint that cannot be used (missing, corrupt, or for another model/dataset)."""
 
 
+# The source that decides what a trained teacher is (relative to the harness package): the training
+# loop and run setup, the evaluator that measures it, every model and dataset module, and the config
+# defaults. Methods are left out: a teacher trains student-only.
+TRAINING_CODE = ("engine/loop.py", "engine/train.py", "engine/evaluate.py", "engine/teacher.py", "config.py",
+                 "params.py", "models/", "data/")
+
+
+def training_code_digest() -> str:
+    """sha256 (16 hex) over the files of TRAINING_CODE, in path order, line endings normalised."""
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for entry in TRAINING_CODE:
+        path = root / entry
+        files += sorted(path.rglob("*.py")) if entry.endswith("/") else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def teacher_key(cfg: dict) -> str:
     t = cfg["teacher"]
     return stable_hash({"teacher": {k: t[k] for k in MODEL_KEYS}, "train": t["train"],
-                        "dataset": cfg["dataset"], "budget": {k: cfg["budget"][k] for k in BUDGET_KEYS}})
+                        "dataset": cfg["dataset"], "budget": {k: cfg["budget"][k] for k in BUDGET_KEYS},
+                        "code": training_code_digest()})
 
 
 def teacher_dir(cfg: dict) -> Path:
@@ -114,7 +138,8 @@ def train_teacher(cfg: dict, folder: Path, command: str = "") -> Tuple[Segmenter
     os.replace(tmp, ckpt)
     model = load_checkpoint(cfg, ckpt)
     metrics = measure(cfg, model)
-    meta = {"source": "trained", "key": teacher_key(cfg), "name": cfg["teacher"]["name"],
+    meta = {"source": "trained", "key": teacher_key(cfg), "training_code": training_code_digest(),
+            "name": cfg["teacher"]["name"],
             "checkpoint": str(ckpt), "sha256": sha256_of(ckpt), "val_miou": metrics["miou"],
             "val_per_class_iou": metrics["per_class_iou"], "val_images": metrics["images"],
             "trained_by_run": record.run_id, "iterations": record.iterations,
