@@ -267,12 +267,12 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
                            "store.url=<file>.jsonl reads such a file back (read-only)"),
     "reproduce": (cmd_reproduce, "reproduce <row-id> [--seed N]: re-run the configuration behind a leaderboard "
                                  "row and compare with the stored value"),
-    "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, lift with "
-                                     "bootstrap CI, Holm-corrected p, energy, params/FLOPs/latency; filters "
-                                     "dataset= student= teacher= budget= +method= test=welch|mann-whitney"),
-    "significance": (cmd_significance, "reports/significance.{md,tex}: method x method differences with bootstrap "
-                                       "CIs, Holm-adjusted Welch and Mann-Whitney p-values, seeds below "
-                                       "report.min_seeds marked"),
+    "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, paired lift with "
+                                     "t interval, Holm-corrected p, effect size, P(improvement), detectable lift, energy, params/FLOPs/latency; filters "
+                                     "dataset= student= teacher= budget= +method= test=t|permutation"),
+    "significance": (cmd_significance, "reports/significance.{md,tex}: arm x arm paired lifts with t intervals, "
+                                       "paired-t and permutation p-values Holm-adjusted in two fixed families "
+                                       "(vs the tuned student = the leaderboard's numbers; between methods)"),
     "literature": (cmd_literature, "results/literature.md: published student-only and distilled mIoU (paper 003 "
                                    "Table 1, the seed papers' tables) next to our tuned lift and the lift inflation"),
     "across": (cmd_across, "reports/across.md: each method over blocks: gap closed (distilled - student) / (teacher "
