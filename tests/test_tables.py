@@ -586,3 +586,31 @@ def test_literature_cli_without_database(tmp_path, capsys):
     md = (out / "literature.md").read_text()
     assert "No tuned comparison in the results database yet" in md and "| cityscapes" in md
     assert "| ade20k" not in md and "| skd" not in md
+
+
+def test_unequal_tuning_budget_is_marked_with_both_numbers(tmp_path, cfg):
+    s = ResultsStore(tmp_path / "budget.db")
+    # tuning rows: the student-only arm 2 trials (1 pruned at 100 it.), the distilled arm 3 trials of 300 it.
+    add_arm(s, cfg, "student-only", [0.40], stage="lr_wd", sweep_id="student-only:S", iterations=300,
+            extra_json={"stage_kind": "search"})
+    add_arm(s, cfg, "student-only", [0.30], stage="lr_wd", sweep_id="student-only:S", status="pruned",
+            iterations=100, extra_json={"stage_kind": "search"})
+    add_arm(s, cfg, "kd", [0.45, 0.46, 0.41], stage="lr_wd", sweep_id="distilled:kd:K", iterations=300,
+            extra_json={"stage_kind": "search"})
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49], sweep_id="student-only:S", extra_json={"stage_kind": "rerun"})
+    add_arm(s, cfg, "kd", [0.52, 0.53, 0.55], sweep_id="distilled:kd:K", extra_json={"stage_kind": "rerun"})
+    t = leaderboard.build(blk.load_blocks(s), s)[0]
+    kd = {r.label: r for r in t.rows}["kd"]
+    assert kd.tuning.student.started == 2 and kd.tuning.student.iterations == 400 and kd.tuning.student.pruned == 1
+    assert kd.tuning.distilled.started == 3 and kd.tuning.distilled.iterations == 900
+    assert "unequal tuning budget: student-only 2 trials, 400 iterations; distilled 3 trials, 900 iterations" in kd.notes
+    md = leaderboard.to_markdown([t], ["Source: test"])
+    assert "kd (unequal tuning budget)" in md and "UNEQUAL" in md
+    # a sweep that recorded equal budgets on its rerun rows: no mark
+    budget = {"student-only": {"started": 3, "iterations": 900}, "distilled": {"started": 3, "iterations": 900}}
+    add_arm(s, cfg, "cwd", [0.52, 0.53, 0.55], sweep_id="distilled:cwd:C",
+            extra_json={"stage_kind": "rerun", "tuning_budget": budget, "unequal_tuning_budget": None,
+                        "student_arm": {"arm_id": "student-only:S", "trials": 3}})
+    t = leaderboard.build(blk.load_blocks(s), s)[0]
+    cwd = {r.label: r for r in t.rows}["cwd"]
+    assert cwd.tuning.unequal is None and cwd.tuning.student_trials == 3 and cwd.tuning.source == "recorded by the sweep"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness.report import verdicts as verdicts_
-from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, load_blocks, protocol_of, source_lines
+from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, RerunStages, load_blocks, protocol_of, source_lines
 from harness.report.filters import TESTS, Filters
 from harness.report.render import fmt_p, markdown_table, pct, publish, stars, tex, tex_title
 
@@ -58,6 +58,9 @@ CSV_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("p_improvement", "float64"), ("p_improvement_low", "float64"), ("p_improvement_high", "float64"),
     ("mde_pct", "float64"), ("mde_alpha_family_pct", "float64"), ("underpowered", "boolean"),
     ("seeds_for_1pt", "Int64"),
+    ("tuning_trials_distilled", "Int64"), ("tuning_iterations_distilled", "Int64"), ("tuning_kwh_distilled", "float64"),
+    ("tuning_trials_student", "Int64"), ("tuning_iterations_student", "Int64"), ("tuning_kwh_student", "float64"),
+    ("tuning_budget", "string"), ("expected_best_above_from", "Int64"),
     ("best", "bool"), ("within_one_std", "bool"),
     ("energy_kwh_per_run", "float64"), ("co2_kg_per_run", "float64"), ("sweep_energy_kwh", "float64"),
     ("params", "Int64"), ("flops", "Int64"), ("latency_ms", "float64"),
@@ -80,6 +83,7 @@ class Row:
     energy_kwh: Optional[float] = None
     co2_kg: Optional[float] = None
     sweep_energy_kwh: Optional[float] = None
+    tuning: Optional["Tuning"] = None    # both arms' tuning budgets of this comparison
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -93,6 +97,19 @@ class Row:
     @property
     def lift(self) -> Optional[float]:
         return None if self.verdict is None else self.verdict.lift
+
+
+@dataclass
+class Tuning:
+    """The tuning budgets behind one comparison (``harness.sweep.budget``): as the sweep recorded
+    them on the rerun rows (``extra_json.tuning_budget``), else counted from the sweeps' stored rows."""
+    distilled: Any                       # harness.sweep.budget.Budget
+    student: Any
+    source: str                          # 'recorded by the sweep' | 'counted from the stored rows'
+    student_trials: Optional[int] = None  # N: the student's first N trials of its growing sequence
+    unequal: Optional[str] = None        # the mark with both numbers, or None
+    crossing: Optional[int] = None       # smallest budget from which distilled's expected best stays above
+    crossing_note: str = ""
 
 
 @dataclass
@@ -158,7 +175,12 @@ def build_block(block: Block, store=None, test: str = "t", min_seeds: int = 3, e
                                  f"at 80 % power (n = {comp.verdict.n_pairs or min(comp.verdict.n_a, comp.verdict.n_b)}, "
                                  f"sd {100 * comp.verdict.sd:.2f}, alpha 0.05/{comp.family_size})")
         _energy(row, arm, store)
+        if comp is not None and store is not None:
+            row.tuning = _tuning(store, arm, base)
+            if row.tuning.unequal:
+                row.notes.append(row.tuning.unequal)
         table.rows.append(row)
+    _expected_best(table, store)
     _mark_best(table.rows)
     if isinstance(efficiency, str):
         table.efficiency_note = efficiency
@@ -184,6 +206,59 @@ def _energy(row: Row, arm: Arm, store) -> None:
     row.sweep_energy_kwh = sum(have) if have else None
     if have and len(have) < len(runs):
         row.notes.append(f"sweep energy: {len(runs) - len(have)} of {len(runs)} runs without energy (not counted)")
+
+
+def _tuning_rows(store, arm: Arm) -> List[Dict[str, Any]]:
+    """The tuning rows (every search stage, not the reruns) of the sweep(s) behind an arm."""
+    if not arm.sweep_ids:
+        return []
+    is_rerun = RerunStages()
+    return [r for r in store.query(sweep_id=arm.sweep_ids) if not is_rerun(r)[0]]
+
+
+def _tuning(store, arm: Arm, base: Arm) -> Tuning:
+    from harness.sweep.budget import Budget, arm_budget, unequal
+
+    recorded = [(r.get("extra_json") or {}) for r in arm.rows + arm.lost]
+    recorded = [e for e in recorded if e.get("tuning_budget")]
+    if recorded:
+        e = recorded[-1]
+        b = e["tuning_budget"]
+        t = Tuning(Budget.from_dict(b.get("distilled")), Budget.from_dict(b.get(STUDENT_ONLY)), "recorded by the sweep",
+                   (e.get("student_arm") or {}).get("trials"))
+        t.unequal = e.get("unequal_tuning_budget") or unequal(t.student, t.distilled)
+        return t
+    t = Tuning(arm_budget(_tuning_rows(store, arm)), arm_budget(_tuning_rows(store, base)) if base else Budget(),
+               "counted from the stored rows (the sweep predates recorded budgets)")
+    t.unequal = unequal(t.student, t.distilled)
+    return t
+
+
+def _expected_best(table: BlockTable, store) -> None:
+    """The smallest budget from which each distilled arm's expected best tune mIoU stays above the
+    student-only arm's (``harness.report.tuning``)."""
+    if store is None or table.block.baseline is None:
+        return
+    from harness.report.tuning import arm_tuning, smallest_budget_above
+
+    try:
+        student = arm_tuning(store, table.block.baseline)
+    except Exception as exc:  # noqa: BLE001 - a curve that cannot be drawn must not hide the table
+        table.notes.append(f"expected best vs budget not computed: {exc}")
+        return
+    for r in table.rows:
+        if r.tuning is None:
+            continue
+        distilled = arm_tuning(store, r.arm)
+        if not distilled.n or not student.n:
+            r.tuning.crossing_note = "no tuning trials with a tune mIoU"
+            continue
+        r.tuning.crossing = smallest_budget_above(distilled.curve, student.curve)
+        common = min(distilled.n, student.n)
+        r.tuning.crossing_note = (f"never above within {common} trials" if r.tuning.crossing is None
+                                  else f"above from {r.tuning.crossing} of {common} trials")
+        if distilled.lower_bound or student.lower_bound:
+            r.tuning.crossing_note += " (pruned trials at their cut value: lower-bound curves)"
 
 
 def _mark_best(rows: List[Row]) -> None:
@@ -313,6 +388,34 @@ def test_name(test: str) -> str:
     return "paired t-test (Welch when unpaired)" if test == "t" else "exact permutation test"
 
 
+TUNING_HEADER = ("arm", "distilled: trials (done/pruned/failed)", "iterations", "kWh",
+                 "student-only: trials (done/pruned/failed)", "iterations", "kWh", "budgets", "expected best above student")
+
+
+def _budget_cells(b) -> List[str]:
+    kwh = MISSING if b.started and b.kwh_missing == b.started else f"{b.kwh:.3g}"
+    if b.kwh_missing and b.kwh_missing < b.started:
+        kwh += f" ({b.kwh_missing} unmeasured)"
+    return [f"{b.started} ({b.completed}/{b.pruned}/{b.failed})", str(b.iterations), kwh]
+
+
+def _tuning_table(t: BlockTable) -> List[str]:
+    rows = [r for r in t.rows if r.tuning is not None]
+    if not rows:
+        return []
+    body = []
+    for r in rows:
+        tu = r.tuning
+        student = _budget_cells(tu.student)
+        if tu.student_trials is not None:
+            student[0] = f"{student[0]}, first {tu.student_trials} of the sequence"
+        parity = "UNEQUAL" if tu.unequal else "equal (student >= distilled)"
+        body.append([r.label, *_budget_cells(tu.distilled), *student, parity, tu.crossing_note or MISSING])
+    sources = sorted({r.tuning.source for r in rows})
+    return ["", f"Tuning budgets of each comparison ({'; '.join(sources)}; trials and iterations as run, a "
+                f"pruned trial counting the iterations it ran):", ""] + markdown_table(TUNING_HEADER, body, "lrrrrrrll")
+
+
 def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str = "t",
                 empty_message: str = "") -> str:
     lines = ["# Leaderboard", "", LEGEND.format(test=test_name(test)), ""]
@@ -325,11 +428,13 @@ def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str =
         for r in t.rows:
             mean = _mean_cell(r)
             mean = f"**{mean}**" if r.best else f"_{mean}_" if r.within_one_std else mean
-            body.append([r.row_id, r.label, mean, _lift_cell(r), _p_cell(r), _effect_cell(r), _improve_cell(r),
+            label = r.label + (" (unequal tuning budget)" if r.tuning is not None and r.tuning.unequal else "")
+            body.append([r.row_id, label, mean, _lift_cell(r), _p_cell(r), _effect_cell(r), _improve_cell(r),
                          _mde_cell(r), _seeds_cell(r),
                          _energy_cell(r.energy_kwh, 1), _energy_cell(r.co2_kg, 1000),
                          _energy_cell(r.sweep_energy_kwh, 1), params, flops, lat])
         lines += markdown_table(HEADER, body, "ll" + "r" * (len(HEADER) - 2))
+        lines += _tuning_table(t)
         notes = _footnotes(t)
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
@@ -388,7 +493,7 @@ def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str
         b, e = t.block, t.efficiency
         for r in t.rows:
             protocols = sorted({p for p in (protocol_of(x) for x in r.arm.rows + r.arm.lost) if p})
-            c, v = r.comparison, r.verdict
+            c, v, tu = r.comparison, r.verdict, r.tuning
             perm = c.permutation if c else None
             out.append({
                 "dataset": b.dataset, "student": b.student, "teacher": b.teacher, "budget": b.budget,
@@ -419,6 +524,14 @@ def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str
                 "p_improvement_high": v.p_improve_high if v else None,
                 "mde_pct": pct(v.mde, 6) if v else None, "mde_alpha_family_pct": pct(v.mde_family, 6) if v else None,
                 "underpowered": v.underpowered if v else None, "seeds_for_1pt": v.seeds_for_halfwidth if v else None,
+                "tuning_trials_distilled": tu.distilled.started if tu else None,
+                "tuning_iterations_distilled": tu.distilled.iterations if tu else None,
+                "tuning_kwh_distilled": tu.distilled.kwh if tu else None,
+                "tuning_trials_student": tu.student.started if tu else None,
+                "tuning_iterations_student": tu.student.iterations if tu else None,
+                "tuning_kwh_student": tu.student.kwh if tu else None,
+                "tuning_budget": (tu.unequal or "equal") if tu else None,
+                "expected_best_above_from": tu.crossing if tu else None,
                 "best": r.best, "within_one_std": r.within_one_std,
                 "energy_kwh_per_run": r.energy_kwh, "co2_kg_per_run": r.co2_kg,
                 "sweep_energy_kwh": r.sweep_energy_kwh,
