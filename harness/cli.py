@@ -298,6 +298,10 @@ def main(argv: List[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in overrides):
             print(command_help(command))
             return 0
+        if command not in OWN_ARGUMENTS:
+            hydra = _hydra_flags(command, overrides)
+            if hydra is not None:
+                return hydra
         flags = [a for a in overrides if a.startswith("-") and a not in FLAGS.get(command, ())]
         if flags and command not in OWN_ARGUMENTS:
             raise UsageError(f"unknown option {flags[0]}; '{command}' takes only Hydra overrides "
@@ -309,6 +313,70 @@ def main(argv: List[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _hydra_flags(command: str, overrides: List[str]):
+    """Hydra's habits: ``--cfg job`` prints the composed config, ``--info`` the groups and options;
+    ``-m``/``--multirun`` is refused with the command that tunes instead. None: no such flag."""
+    if any(a in ("-m", "--multirun") for a in overrides):
+        raise UsageError(f"'{command} -m/--multirun' is not supported: a product of values run as plain, untuned "
+                         f"runs is not a fair comparison. To search values, put them in a protocol's space "
+                         f"(sweeps/default.yaml) and run python -m harness sweep +method=NAME (both arms are "
+                         f"tuned equally); to try a few fixed values, run '{command}' once per value.")
+    if "--cfg" in overrides or any(a.startswith("--cfg=") for a in overrides):
+        rest, what = [], "job"
+        it = iter(overrides)
+        for a in it:
+            if a == "--cfg":
+                what = next(it, "")
+            elif a.startswith("--cfg="):
+                what = a.split("=", 1)[1]
+            elif a not in ("--resolve",):
+                rest.append(a)
+        if what not in ("job", "all"):
+            raise UsageError(f"--cfg {what or '(nothing)'}: valid are --cfg job (the composed config, what "
+                             f"'{command}' would use) and --cfg all (the same: the harness has no Hydra runtime "
+                             f"config); nothing was run")
+        if command in REPORT_COMMANDS:
+            from harness.report.filters import Filters
+
+            filters, rest = Filters.parse(rest)
+            print(f"# filters: {filters.shown_all()}")
+        return cmd_config([a for a in rest if a != "--dry-run"])
+    if "--info" in overrides:
+        from harness.config import CONF_DIR
+
+        print(f"config directory: {CONF_DIR}  (config.yaml + one folder per group)")
+        print("config groups and their options:")
+        for group in (*GROUPS, "recipe"):
+            prefix = "+" if group == "method" else ""
+            print(f"  {prefix}{group}: {', '.join(available_options(group))}")
+        print("protocols (sweep.protocol=NAME): " + ", ".join(sorted(p.stem for p in (CONF_DIR.parent / "sweeps").glob("*.yaml"))))
+        return 0
+    return None
+
+
+REPORT_COMMANDS = ("leaderboard", "significance", "energy", "report", "literature", "show", "across", "export")
+
+COMMAND_EXAMPLES: Dict[str, Tuple[List[str], str]] = {
+    # command -> (examples, the config keys it reads besides the model/data groups)
+    "sweep": (["python -m harness sweep +method=gskd", "python -m harness sweep +method=[kd,cwd] budget=smoke",
+               "python -m harness sweep +method=kd --dry-run"],
+              "sweep.* (protocol, max_concurrent_trials, cpus_per_trial, ray.address), budget.*, store.url, "
+              "energy.*, report.after_sweep"),
+    "train": (["python -m harness train budget=smoke", "python -m harness train +method=kd method.kd.tau=4 optim.lr=0.02 seed=3"],
+              "optim.*, seed, budget.*, method.<name>.*, store.url, energy.*, progress"),
+    "teacher": (["python -m harness teacher", "python -m harness teacher teacher.checkpoint=/path/teacher.pt"],
+                "teacher.*, budget.teacher_iterations, paths.cache, store.url"),
+    "leaderboard": (["python -m harness leaderboard", "python -m harness leaderboard +method=cwd test=permutation",
+                     "python -m harness leaderboard store.url=evidence/runs.jsonl"],
+                    "store.url, paths.results, report.min_seeds, report.measure; filters dataset= student= teacher= "
+                    "budget= +method= test=t|permutation"),
+    "significance": (["python -m harness significance", "python -m harness significance store.url=evidence/runs.jsonl"],
+                     "store.url, paths.reports, report.min_seeds; filters as leaderboard"),
+    "report": (["python -m harness report", "python -m harness report store.url=evidence/runs.jsonl report.measure=false"],
+               "store.url, paths.results, paths.reports, report.*; filters as leaderboard"),
+}
 
 
 def usage() -> str:
@@ -327,8 +395,13 @@ def command_help(command: str) -> str:
     for group in (*GROUPS, "recipe"):
         prefix = "+" if group == "method" else ""
         lines.append(f"  {prefix}{group}={{{','.join(available_options(group))}}}")
-    lines += ["", "examples:", f"  python -m harness {command} budget=smoke",
-              f"  python -m harness {command} +method=kd method.kd.tau=4 optim.lr=0.02 seed=3"]
+    examples, keys = COMMAND_EXAMPLES.get(command, ([f"python -m harness {command}"], "store.url, paths.*"))
+    flags = FLAGS.get(command, ())
+    lines += ["", f"keys it reads: {keys}"]
+    if flags:
+        lines.append(f"options: {', '.join(flags)}")
+    lines += ["Hydra habits: --cfg job prints the composed config; --info lists groups and options; "
+              "-m/--multirun is refused (sweep tunes instead)", "", "examples:"] + [f"  {e}" for e in examples]
     return "\n".join(lines)
 
 

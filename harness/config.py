@@ -35,6 +35,7 @@ GROUPS = ("dataset", "student", "teacher", "method", "optim", "budget")
 SPLITS = ("train", "tune", "val")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+TEACHER_CHECKPOINT_FORMATS = ("auto", "harness", "torchvision", "mmseg", "cirkd")  # = harness.models.convert.FORMATS
 PRETRAINED_SOURCES = ("hub", "imagenet")  # student.pretrained=hub: torchvision's file in the local torch hub cache
 # The keys that define what a run computes; everything else (paths, device, logging) does not.
 RUN_DEFINING_KEYS = ("dataset", "student", "teacher", "method", "optim", "budget", "seed",
@@ -68,6 +69,9 @@ class TeacherTrainConfig:
 @dataclass
 class TeacherConfig(ModelConfig):
     checkpoint: Optional[str] = None  # a trained teacher (state dict); null = train or reuse the cache
+    # whose key names teacher.checkpoint uses (harness/models/convert.py); auto detects them. Left out of
+    # the resolved config while auto, so configs and run hashes from before this field are unchanged.
+    checkpoint_format: str = param("auto", choices=TEACHER_CHECKPOINT_FORMATS)
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
 
@@ -160,6 +164,29 @@ class CamVidDatasetConfig(FolderDatasetConfig):
 
 
 @dataclass
+class ConfigFolderDatasetConfig(FolderDatasetConfig):
+    """A dataset described by its yaml alone (`type: folder`, harness/data/folder.py ConfigFolder;
+    mmsegmentation's img_dir / ann_dir / classes / palette). Paths are relative to `root` when it is
+    set, else to the working directory."""
+    name: str = MISSING
+    type: str = "folder"
+    num_classes: Optional[int] = None        # default: len(class_names)
+    img_dir: str = MISSING                   # folder of the images (with train_dir/ val_dir/ inside)
+    ann_dir: str = MISSING                   # folder of the label PNGs (class ids), same layout and names
+    img_suffix: str = ".png"
+    ann_suffix: str = ".png"                 # mmsegmentation's seg_map_suffix
+    train_dir: Optional[str] = "train"       # sub-folder of img_dir/ann_dir; "" or null = the folders themselves
+    val_dir: Optional[str] = "val"
+    train_list: Optional[str] = None         # a text file of keys (paths under img_dir without suffix) instead of train_dir
+    val_list: Optional[str] = None
+    palette: Optional[List[List[int]]] = None  # one [r, g, b] per class; null = the VOC colour map
+    reduce_zero_label: bool = False          # label 0 = ignore, k = class k-1 (ADE20K-style files)
+    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # ImageNet, RGB 0-255 units
+    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    crop_size: List[int] = field(default_factory=lambda: [512, 512])  # the training crop a recipe would use
+
+
+@dataclass
 class PathsConfig:
     results: str = "results"
     reports: str = "reports"
@@ -208,6 +235,7 @@ class ReportConfig:
 @dataclass
 class TopConfig:
     seed: int = param(0, low=0)
+    plugins: List[str] = field(default_factory=list)  # modules, .py files or folders loaded first (harness/plugins.py)
     train_split: str = "train"
     eval_split: str = "val"
     recipe: str = "none"  # the training protocol group (conf/recipe/): none | cirkd | niemann2023
@@ -228,14 +256,24 @@ class TopConfig:
 
 DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig, "cityscapes": CityscapesDatasetConfig,
                                     "voc": VOCDatasetConfig, "ade20k": ADE20KDatasetConfig,
-                                    "camvid": CamVidDatasetConfig}
+                                    "camvid": CamVidDatasetConfig, "folder": ConfigFolderDatasetConfig}
 SECTION_SCHEMAS: Dict[str, type] = {"student": ModelConfig, "teacher": TeacherConfig,
                                     "optim": OptimConfig, "budget": BudgetConfig}
 
 
 # ------------------------------------------------------------------------------------- compose
+_PLUGIN_CONF_DIRS: List[Path] = []  # folders of config groups named in `plugins:` (Hydra's search path)
+
+
 def available_options(group: str, conf_dir: Path = CONF_DIR) -> List[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    """The options of a config group: conf/'s yaml files, plug-in folders' and registered plug-ins."""
+    import sys
+
+    found = {p.stem for d in (conf_dir, *_PLUGIN_CONF_DIRS) for p in (d / group).glob("*.yaml")}
+    registry = {"method": ("harness.methods", "METHODS"), "dataset": ("harness.data", "CONFIGS")}.get(group)
+    if registry and registry[0] in sys.modules:  # plug-ins register only after their registry is imported
+        found |= set(getattr(sys.modules[registry[0]], registry[1]))
+    return sorted(found)
 
 
 def load_config(overrides: List[str] | tuple = (), conf_dir: Path | str | None = None,
@@ -245,11 +283,26 @@ def load_config(overrides: List[str] | tuple = (), conf_dir: Path | str | None =
     conf_dir = Path(conf_dir or os.environ.get("HARNESS_CONF_DIR") or CONF_DIR).resolve()
     if not (conf_dir / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in {conf_dir}; the harness expects its conf/ folder there")
-    composed = _compose(list(overrides), conf_dir)
+    overrides = list(overrides) + _load_plugins(list(overrides), conf_dir)
+    composed = _compose(overrides, conf_dir)
     raw = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
     cfg = validate(raw, conf_dir, check_data)
     _absolutise_paths(cfg)
     return cfg
+
+
+def _load_plugins(overrides: List[str], conf_dir: Path) -> List[str]:
+    """Load the entry points and the `plugins:` list before composing (plug-ins add config options);
+    return the override that puts plug-in config folders on Hydra's search path (none: [])."""
+    from harness import plugins
+
+    entries = plugins.from_overrides(overrides, conf_dir)
+    plugins.load(entries)
+    folders = plugins.search_path(entries)
+    _PLUGIN_CONF_DIRS[:] = [Path(f) for f in folders]
+    if not folders or any(o.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for o in overrides):
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{f}" for f in folders) + "]"]
 
 
 def _compose(overrides: List[str], conf_dir: Path):
@@ -303,6 +356,13 @@ def _explain_hydra(msg: str, overrides: List[str], conf_dir: Path) -> str:
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", msg)
     if m:
         return f"'{m.group(1)}' already exists; set it without the leading '+'."
+    m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
+    if m:  # Hydra's own hint recommends --multirun, which the harness does not use
+        key = m.group(1).split("=", 1)[0]
+        return (f"'{m.group(1)}' gives several values. The harness does not run Hydra's --multirun: to tune "
+                f"{key.lstrip('+')}, put it in a protocol's search space (sweeps/default.yaml) and run python -m "
+                f"harness sweep, which tunes both arms equally; for a list value write {key}=[a,b]; to try a few "
+                f"fixed values, run the command once per value.")
     return " ".join(msg.split())
 
 
@@ -331,11 +391,15 @@ def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR, check_data: bool = 
         if groups[group] is None:
             raise ConfigError(f"config group '{group}' is missing; choose one of "
                               f"{', '.join(available_options(group, conf_dir))}")
-    ds_name = groups["dataset"].get("name")
-    if ds_name not in DATASET_SCHEMAS:
-        raise ConfigError(f"dataset '{ds_name}' has no schema; known datasets: {', '.join(DATASET_SCHEMAS)}")
-    out["dataset"] = _against(DATASET_SCHEMAS[ds_name], groups["dataset"], "dataset")
-    from harness.data import check_config
+    from harness.data import CONFIGS, check_config, kind_of
+
+    ds_name = kind_of(groups["dataset"])
+    schemas = {**DATASET_SCHEMAS, **CONFIGS}
+    if ds_name not in schemas:
+        raise ConfigError(f"dataset '{ds_name}' has no schema; known datasets: {', '.join(schemas)}")
+    out["dataset"] = _against(schemas[ds_name], groups["dataset"], "dataset")
+    if ds_name == "folder" and out["dataset"]["num_classes"] is None:
+        out["dataset"]["num_classes"] = len(out["dataset"]["class_names"])
 
     try:
         check_config(out["dataset"], layout=check_data)
@@ -345,9 +409,11 @@ def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR, check_data: bool = 
         out[section] = _against(schema, groups[section], section)
     out["method"] = _validate_methods(groups["method"] or {}, conf_dir)
     check_finite(out)  # one rule for every number: NaN and infinities are refused everywhere
-    for section, schema in {"": TopConfig, "dataset": DATASET_SCHEMAS[ds_name], **SECTION_SCHEMAS}.items():
+    for section, schema in {"": TopConfig, "dataset": schemas[ds_name], **SECTION_SCHEMAS}.items():
         check_schema(section, schema, out[section] if section else out)  # the ranges the schemas declare
     _check_invariants(out, check_data)
+    if out["teacher"].get("checkpoint_format") == "auto":  # the default stays out of configs and hashes
+        del out["teacher"]["checkpoint_format"]
     return out
 
 
@@ -434,7 +500,12 @@ def _absolutise_paths(cfg: Dict[str, Any]) -> None:
     """Relative paths are relative to where the command was started; trials must not care."""
     for key, value in cfg["paths"].items():
         cfg["paths"][key] = str(Path(value).expanduser().resolve())
-    for key in ("root", "sbd_root"):  # trials may run in another working directory
+    from harness.plugins import resolve
+
+    cfg["plugins"] = resolve(cfg["plugins"])
+    folder_paths = ("img_dir", "ann_dir", "train_list", "val_list")  # type: folder without a root: from here
+    relative = folder_paths if cfg["dataset"].get("type") == "folder" and not cfg["dataset"].get("root") else ()
+    for key in ("root", "sbd_root", *relative):  # trials may run in another working directory
         if cfg["dataset"].get(key):
             cfg["dataset"][key] = str(Path(cfg["dataset"][key]).expanduser().resolve())
     for section in ("student", "teacher"):

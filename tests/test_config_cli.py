@@ -158,3 +158,38 @@ def test_every_number_is_finite_and_in_its_schema_range(override, message):
 def test_a_method_temperature_of_inf_is_refused():
     with pytest.raises(ConfigError, match="'method.kd.tau' must be a finite number, got inf"):
         load_config(["+method=kd", "method.kd.tau=inf"])
+
+
+# ------------------------------------------------------------------------------ Hydra habits
+def test_hydra_habits_cfg_job_info_and_multirun(capsys, tmp_path):
+    from harness.cli import main
+
+    assert main(["train", "--cfg", "job", "budget=smoke", "optim.lr=0.03", f"paths.results={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.03" in out and "# run hash:" in out and not any(tmp_path.iterdir())
+    assert main(["leaderboard", "--cfg", "job", "+method=kd"]) == 0
+    assert "# filters: method=['kd']" in capsys.readouterr().out
+    assert main(["sweep", "--info"]) == 0
+    info = capsys.readouterr().out
+    assert "budget: paper, quick, smoke" in info and "protocols (sweep.protocol=NAME): default" in info
+    for bad in (["train", "-m", "optim.lr=0.1"], ["train", "--multirun", "optim.lr=0.1"]):
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert "python -m harness sweep" in err and "--multirun" in err
+    assert main(["train", "--cfg", "hydra"]) == 2 and "--cfg job" in capsys.readouterr().err
+    # Hydra's own hint would recommend --multirun; ours names the sweep and the list syntax
+    assert main(["train", "optim.lr=0.1,0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "harness sweep" in err and "optim.lr=[a,b]" in err and "add --multirun" not in err
+
+
+def test_each_command_help_has_its_own_examples_and_keys(capsys):
+    from harness.cli import main
+
+    texts = {}
+    for command in ("sweep", "train", "leaderboard"):
+        assert main([command, "--help"]) == 0
+        texts[command] = capsys.readouterr().out
+    assert "--dry-run" in texts["sweep"] and "sweep.*" in texts["sweep"]
+    assert "test=t|permutation" in texts["leaderboard"] and "--dry-run" not in texts["train"]
+    assert len(set(texts.values())) == 3
