@@ -233,6 +233,13 @@ class ReportConfig:
 
 
 @dataclass
+class CheckpointConfig:  # harness/engine/checkpoint.py
+    final: bool = True  # save every run's final student: <paths.results>/checkpoints/<run_id>/final.pt
+    every: int = param(0, low=0)  # also save the whole training state every N iterations (0: only on Ctrl-C)
+    keep_last: int = param(1, low=1)  # training states kept on disk while the run trains
+
+
+@dataclass
 class TopConfig:
     seed: int = param(0, low=0)
     plugins: List[str] = field(default_factory=list)  # modules, .py files or folders loaded first (harness/plugins.py)
@@ -252,6 +259,8 @@ class TopConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tensorboard: bool = True  # event files per run in <paths.results>/tensorboard/ (needs the tensorboard package)
 
 
 DATASET_SCHEMAS: Dict[str, type] = {"synthetic": SyntheticDatasetConfig, "cityscapes": CityscapesDatasetConfig,
@@ -319,6 +328,11 @@ def _compose(overrides: List[str], conf_dir: Path):
         raise ConfigError(_explain_missing(str(e), conf_dir)) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra(str(e), overrides, conf_dir)) from None
+    except OSError as e:  # Hydra looks an override's group up as a file: a 5000-character key is ENAMETOOLONG
+        long = max(overrides, key=len) if overrides else ""
+        raise ConfigError(f"an override could not be read as a config key or group ({e.strerror}): "
+                          f"'{long[:60]}...' ({len(long)} characters). Keys are short dotted names such as "
+                          f"optim.lr; python -m harness config --info lists the groups.") from None
 
 
 def _check_override_syntax(overrides: List[str], conf_dir: Path) -> None:
@@ -356,6 +370,13 @@ def _explain_hydra(msg: str, overrides: List[str], conf_dir: Path) -> str:
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", msg)
     if m:
         return f"'{m.group(1)}' already exists; set it without the leading '+'."
+    if "LexerNoViableAltException" in msg or "token recognition error" in msg:
+        bad = next((o for o in overrides if any(ord(c) > 127 or c in "\"'$" for c in o)), "")
+        quoted = bad.split("=", 1)[0] + "='" + bad.split("=", 1)[1] + "'" if "=" in bad else bad
+        return (f"the override '{bad or ' '.join(overrides)}' is not valid Hydra override syntax (characters outside "
+                f"Hydra's unquoted grammar, e.g. non-ASCII letters or quotes). Quote the value"
+                + (f" ({quoted})" if bad else "") + "; names of config options are plain ASCII (python -m harness "
+                f"config --info lists them).")
     m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
     if m:  # Hydra's own hint recommends --multirun, which the harness does not use
         key = m.group(1).split("=", 1)[0]

@@ -193,3 +193,24 @@ def test_each_command_help_has_its_own_examples_and_keys(capsys):
     assert "--dry-run" in texts["sweep"] and "sweep.*" in texts["sweep"]
     assert "test=t|permutation" in texts["leaderboard"] and "--dry-run" not in texts["train"]
     assert len(set(texts.values())) == 3
+
+
+def test_unicode_and_overlong_overrides_are_one_paragraph(capsys):
+    from harness.cli import main
+
+    assert main(["train", "student=é"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid Hydra override syntax" in err and "student='é'" in err and "Traceback" not in err
+    assert main(["train", "x" * 5000 + "=1"]) == 2
+    err = capsys.readouterr().err
+    assert "5002 characters" in err and "Traceback" not in err and len(err) < 600
+
+
+def test_predicted_ids_outside_the_classes_are_an_error():
+    import torch
+    from harness.engine.evaluate import confusion_matrix
+
+    target = torch.tensor([[0, 1], [2, 255]])
+    assert confusion_matrix(torch.tensor([[0, 1], [2, 7]]), target, 3, 255).sum() == 3   # ignore pixel: any id
+    with pytest.raises(ValueError, match="predicted class ids outside 0..2: found \\[5\\]"):
+        confusion_matrix(torch.tensor([[0, 5], [2, 0]]), target, 3, 255)

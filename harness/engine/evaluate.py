@@ -44,6 +44,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if t.numel() and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"label ids outside 0..{num_classes - 1} (and not ignore={ignore_index}): "
                          f"found {sorted(set(t.unique().tolist()) - set(range(num_classes)))[:5]}")
+    if p.numel() and (p.min() < 0 or p.max() >= num_classes):
+        raise ValueError(f"predicted class ids outside 0..{num_classes - 1}: found "
+                         f"{sorted(set(p.unique().tolist()) - set(range(num_classes)))[:5]} (a model with more "
+                         f"output channels than the dataset's {num_classes} classes?)")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
