@@ -285,8 +285,30 @@ OWN_ARGUMENTS = ("reproduce",)  # commands that parse their own positional argum
 FLAGS = {"sweep": ("--dry-run",)}  # the --options other commands accept besides Hydra overrides
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or a user's kill): unwinds like Ctrl-C, so runs end as interrupted."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - the signal handler's signature
+    raise Terminated()
+
+
 def main(argv: List[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: List[str]) -> int:
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(usage())
@@ -310,6 +332,9 @@ def main(argv: List[str] | None = None) -> int:
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("terminated (SIGTERM): stopped cleanly; run the same command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -214,3 +214,20 @@ def test_predicted_ids_outside_the_classes_are_an_error():
     assert confusion_matrix(torch.tensor([[0, 1], [2, 7]]), target, 3, 255).sum() == 3   # ignore pixel: any id
     with pytest.raises(ValueError, match="predicted class ids outside 0..2: found \\[5\\]"):
         confusion_matrix(torch.tensor([[0, 5], [2, 0]]), target, 3, 255)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_command_is_a_clean_interruption(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "train", "budget=smoke", "budget.iterations=100000",
+                             "progress=false", "energy.enabled=false", f"paths.results={tmp_path}",
+                             f"paths.cache={tmp_path / 'cache'}"], stderr=subprocess.PIPE, text=True)
+    time.sleep(15)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "Fatal Python error" not in err and "Traceback" not in err
