@@ -240,6 +240,11 @@ class CheckpointConfig:  # harness/engine/checkpoint.py
 
 
 @dataclass
+class ShowConfig:  # python -m harness show
+    retrain: bool = False  # retrain the students even when their runs saved final.pt
+
+
+@dataclass
 class TopConfig:
     seed: int = param(0, low=0)
     plugins: List[str] = field(default_factory=list)  # modules, .py files or folders loaded first (harness/plugins.py)
@@ -260,6 +265,7 @@ class TopConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    show: ShowConfig = field(default_factory=ShowConfig)
     tensorboard: bool = True  # event files per run in <paths.results>/tensorboard/ (needs the tensorboard package)
 
 

@@ -6,6 +6,11 @@ mask)``, with attributes ``num_classes``, ``ignore_index``, ``class_names``, ``p
 and a ``class_frequencies()`` method.  Every dataset class is built with the same call,
 ``cls(cfg, split, augment=..., cache_dir=...)``, and lists its ``SPLITS`` (and, when fixed, its
 ``CLASS_NAMES``).
+
+A dataset yaml with ``type: folder`` needs no Python: :class:`~harness.data.folder.ConfigFolder` reads
+``img_dir`` / ``ann_dir`` / ``class_names`` / ``palette`` from it.  A dataset class from outside the
+package registers with :func:`register` (``harness.plugins``: entry points of the group
+``harness.datasets`` or the config's ``plugins:`` list); ``dataset=NAME`` then selects it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch.utils.data import Dataset
 from .ade20k import ADE20K
 from .camvid import CamVid
 from .cityscapes import Cityscapes
+from .folder import ConfigFolder
 from .synthetic import SyntheticStreets
 from .transforms import SegTransform
 from .voc import VOC
@@ -25,7 +31,65 @@ DATASETS: dict[str, type] = {
     "voc": VOC,
     "ade20k": ADE20K,
     "camvid": CamVid,
+    "folder": ConfigFolder,  # `type: folder` in a dataset yaml (any name)
 }
+CONFIGS: dict[str, type] = {}  # plug-in datasets' Config dataclasses (the built-ins' live in harness.config)
+_SOURCES: dict[str, str] = {name: f"built-in ({cls.__module__})" for name, cls in DATASETS.items()}
+
+
+def register(name: str, cls: type, config: type | None = None, source: str | None = None) -> type:
+    """Add a dataset class to the registry so ``dataset=NAME`` selects it.
+
+    ``cls(cfg, split, augment=..., cache_dir=...)`` must return the items described above; ``config``
+    (default ``cls.Config``) is the dataclass its yaml section is validated against (it must have a
+    ``name`` field; fields without a default must be set by the yaml or the command line).  A name
+    that is taken is a ConfigError naming both sources; registering the same class again does nothing.
+    """
+    import dataclasses
+
+    from harness.errors import ConfigError
+    from harness.plugins import source_of
+
+    config = config if config is not None else getattr(cls, "Config", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"a dataset name must be an identifier (the `dataset=` option), got {name!r}")
+    if not isinstance(cls, type):
+        raise ConfigError(f"harness.data.register('{name}', ...) needs a dataset class, got {cls!r}")
+    if not dataclasses.is_dataclass(config) or "name" not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"dataset '{name}' ({cls.__qualname__}) needs a Config dataclass with a `name` field "
+                          f"(pass it to harness.data.register or set {cls.__qualname__}.Config)")
+    source = source or source_of(cls)
+    old = DATASETS.get(name)
+    if old is not None:
+        if old is cls or (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__):
+            return cls
+        raise ConfigError(f"dataset '{name}' is registered twice: by {_SOURCES[name]} and by {source}; rename one")
+    DATASETS[name] = cls
+    CONFIGS[name] = config
+    _SOURCES[name] = source
+    _store_defaults(name, config)
+    return cls
+
+
+def _store_defaults(name: str, config: type) -> None:
+    """``dataset=NAME`` without a yaml: Hydra's ConfigStore holds the Config's defaults."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.structured(config), resolve=False)
+    node = {k: v for k, v in values.items() if v != "???"}
+    ConfigStore.instance().store(group="dataset", name=name, node={**node, "name": name})
+
+
+def kind_of(cfg: dict) -> str:
+    """The registry key of a dataset section: ``type`` (``folder``) when given, else ``name``."""
+    return str(cfg.get("type") or cfg.get("name"))
+
+
+def _plugins() -> None:
+    from harness.plugins import load_entry_points
+
+    load_entry_points()
 
 
 def build_dataset(cfg: dict, split: str, augment: dict | None = None, cache_dir: str | None = None) -> Dataset:
@@ -35,7 +99,8 @@ def build_dataset(cfg: dict, split: str, augment: dict | None = None, cache_dir:
     "scale_range": [lo, hi], "flip": bool}`` for training.  Raises ``ValueError`` for an unknown
     name or split, or when ``cfg``'s ``num_classes`` / ``class_names`` disagree with the dataset.
     """
-    name = cfg.get("name")
+    _plugins()
+    name = kind_of(cfg)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     cls = DATASETS[name]
@@ -52,7 +117,8 @@ def check_config(cfg: dict, layout: bool = True) -> None:
     Datasets read from disk also check their values and that ``root`` has the expected layout
     (``ConfigError``, a ValueError, naming the expected sub-folders).
     """
-    name = cfg.get("name")
+    _plugins()
+    name = kind_of(cfg)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     _check_classes(name, cfg, getattr(DATASETS[name], "CLASS_NAMES", None))
@@ -76,5 +142,5 @@ def _check_classes(name: str, cfg: dict, class_names) -> None:
         )
 
 
-__all__ = ["ADE20K", "DATASETS", "VOC", "CamVid", "Cityscapes", "SegTransform", "SyntheticStreets", "build_dataset",
-           "check_config"]
+__all__ = ["ADE20K", "CONFIGS", "DATASETS", "VOC", "CamVid", "Cityscapes", "ConfigFolder", "SegTransform",
+           "SyntheticStreets", "build_dataset", "check_config", "kind_of", "register"]

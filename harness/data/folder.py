@@ -450,3 +450,151 @@ def read_id_list(path: Path) -> list[str]:
     """One id per line (the first whitespace-separated field; blank lines skipped)."""
     with open(path) as f:
         return [line.split()[0] for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------- config-only datasets
+class ConfigFolder(FolderDataset):
+    """A dataset described by its yaml alone (``type: folder``; mmsegmentation's ``img_dir``,
+    ``ann_dir``, ``classes``, ``palette``), e.g. ``<folder>/dataset/my_streets.yaml``::
+
+        name: my_streets
+        type: folder
+        root: /data/my_streets          # img_dir, ann_dir and the lists are relative to it
+        img_dir: images                 # images/train/*.png, images/val/*.png
+        ann_dir: labels                 # labels/train/*.png, labels/val/*.png (same names)
+        class_names: [road, car, sky]
+        palette: [[128, 64, 128], [0, 0, 142], [70, 130, 180]]
+        ignore_index: 255
+
+    Splits: ``train_dir`` / ``val_dir`` name the sub-folders of ``img_dir`` and ``ann_dir`` (default
+    ``train`` / ``val``; ``""`` = the folders themselves); or ``train_list`` / ``val_list`` name text
+    files of keys (one per line: a path relative to ``img_dir`` without suffix, as mmsegmentation's
+    ``ann_file``). ``tune`` is carved from ``train`` as for every folder dataset.  Label files hold
+    class ids ``0..K-1`` and ``ignore_index`` (``reduce_zero_label: true``: ``0`` is ignore and ``k``
+    is class ``k-1``, as ADE20K's files); any other value is an error naming the file.
+    """
+
+    NAME = "folder"
+    CLASS_NAMES = None  # per yaml (set on the instance); None: harness.data checks no fixed list
+    LABEL_MAP = label_map([])
+    LAYOUT = "<root>/<img_dir>/<train_dir|val_dir>/*<img_suffix> and <root>/<ann_dir>/<train_dir|val_dir>/*<ann_suffix>"
+
+    def __init__(self, cfg: dict, split: str, augment: dict | None = None, cache_dir: str | None = None):
+        names = tuple(str(c) for c in cfg["class_names"])
+        self.NAME = str(cfg.get("name", "folder"))
+        self.CLASS_NAMES = names
+        self.PALETTE = tuple(tuple(int(v) for v in rgb) for rgb in (cfg.get("palette") or default_palette(len(names))))
+        self.reduce_zero_label = bool(cfg.get("reduce_zero_label", False))
+        k, raw_ignore = len(names), int(cfg.get("ignore_index", IGNORE))
+        self.LABEL_MAP = label_map([(i + 1, i) for i in range(k)] if self.reduce_zero_label else [(i, i) for i in range(k)])
+        self.raw_ignore = raw_ignore
+        super().__init__(cfg, split, augment=augment, cache_dir=cache_dir)
+
+    @classmethod
+    def fail(cls, cfg: dict, problem: str) -> ConfigError:
+        return ConfigError(f"dataset '{cfg.get('name', 'folder')}' (type: folder): {problem}")
+
+    @classmethod
+    def path(cls, cfg: dict, value: str) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() or not cfg.get("root") else Path(cfg["root"]).expanduser() / p
+
+    @classmethod
+    def locate(cls, cfg: dict) -> Path:
+        return Path(cfg["root"]).expanduser() if cfg.get("root") else Path.cwd()
+
+    @classmethod
+    def split_dir(cls, cfg: dict, which: str, split: str) -> Path:
+        sub = cfg.get(f"{split}_dir")
+        base = cls.path(cfg, cfg[which])
+        return base / sub if sub else base
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        names = list(cfg.get("class_names") or [])
+        if not names:
+            raise cls.fail(cfg, "class_names must list the classes (label id i = class_names[i])")
+        if cfg.get("type", "folder") != "folder":
+            raise cls.fail(cfg, f"type must be 'folder' (a dataset described by its yaml), got '{cfg.get('type')}'")
+        palette = cfg.get("palette")
+        if palette is not None and (len(palette) != len(names) or any(len(c) != 3 or not all(0 <= int(v) <= 255 for v in c)
+                                                                       for c in palette)):
+            raise cls.fail(cfg, f"palette must give one [r, g, b] (0-255) per class ({len(names)}), got {palette}")
+        ignore = int(cfg.get("ignore_index", IGNORE))
+        if 0 <= ignore < len(names) + (1 if cfg.get("reduce_zero_label") else 0):
+            raise cls.fail(cfg, f"ignore_index={ignore} collides with a class id (0..{len(names) - 1})")
+        if cfg.get("root") and not Path(cfg["root"]).expanduser().is_dir():
+            raise cls.fail(cfg, f"root={cfg['root']} is not a directory")
+        for key in ("img_dir", "ann_dir"):
+            if not cfg.get(key) and cfg.get(key) != "":
+                raise cls.fail(cfg, f"{key} is required (the folder of the {'images' if key == 'img_dir' else 'label PNGs'})")
+        # the shared value checks (eval_mode, sizes, tune split, mean/std); ignore_index is checked above
+        FolderDataset.check_config.__func__(cls, {**cfg, "ignore_index": -1})
+        for split in ("train", "val"):
+            listed = cfg.get(f"{split}_list")
+            if listed:
+                if not cls.path(cfg, listed).is_file():
+                    raise cls.fail(cfg, f"{split}_list {cls.path(cfg, listed)} does not exist")
+                continue
+            for which in ("img_dir", "ann_dir"):
+                folder = cls.split_dir(cfg, which, split)
+                if not folder.is_dir():
+                    raise cls.fail(cfg, f"the {split} {'images' if which == 'img_dir' else 'labels'} folder {folder} "
+                                        f"does not exist ({which}={cfg[which]}, {split}_dir={cfg.get(f'{split}_dir')!r})")
+
+    @classmethod
+    def required_paths(cls, cfg: dict) -> list[str]:
+        return []
+
+    def list_source(self, source: str) -> list[Sample]:
+        cfg, img_suffix, ann_suffix = self.cfg, self.cfg.get("img_suffix", ".png"), self.cfg.get("ann_suffix", ".png")
+        listed = cfg.get(f"{source}_list")
+        if listed:
+            images, labels = self.path(cfg, cfg["img_dir"]), self.path(cfg, cfg["ann_dir"])
+            keys = read_id_list(self.path(cfg, listed))
+            for key in keys:
+                if not (images / f"{key}{img_suffix}").is_file():
+                    raise self.fail(cfg, f"{source}_list names '{key}' but there is no image {images / (key + img_suffix)}")
+            return [self._pair(key, images / f"{key}{img_suffix}", labels / f"{key}{ann_suffix}") for key in sorted(keys)]
+        images, labels = self.split_dir(cfg, "img_dir", source), self.split_dir(cfg, "ann_dir", source)
+        image_files = {p.name[: -len(img_suffix)]: p for p in files_with_suffix(images, img_suffix)}
+        label_keys = {p.name[: -len(ann_suffix)] for p in files_with_suffix(labels, ann_suffix)}
+        orphans = sorted(label_keys - set(image_files))
+        if orphans:
+            shown = ", ".join(str(labels / (k + ann_suffix)) for k in orphans[:3])
+            raise self.fail(cfg, f"{len(orphans)} label file(s) have no image in {images} (img_suffix={img_suffix!r}): "
+                                 f"{shown}{' ...' if len(orphans) > 3 else ''}")
+        return [self._pair(key, image_files[key], labels / f"{key}{ann_suffix}") for key in sorted(image_files)]
+
+    def _pair(self, key: str, image: Path, label: Path) -> Sample:
+        if not label.is_file():
+            raise self.fail(self.cfg, f"image {image} has no label file {label}")
+        return Sample(key, str(image), str(label))
+
+    def read_label(self, sample: Sample) -> np.ndarray:
+        """The label ids, checked: every value is a class id or ``ignore_index``."""
+        label = read_label_png(sample.label)
+        k = len(self.CLASS_NAMES) + (1 if self.reduce_zero_label else 0)
+        bad = (label >= k) & (label != self.raw_ignore)
+        if bad.any():
+            values = sorted(int(v) for v in np.unique(label[bad]))[:5]
+            raise self.fail(self.cfg, f"label file {sample.label} holds value(s) {values}, but there are "
+                                      f"{len(self.CLASS_NAMES)} classes (ids 0..{k - 1}"
+                                      f"{', 0 = ignore' if self.reduce_zero_label else ''}) and ignore_index="
+                                      f"{self.raw_ignore}; fix the file, add the class to class_names or set ignore_index")
+        return label  # LABEL_MAP sends ignore_index (every id that is not a class) to 255
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """PASCAL VOC's bit-interleaved colour map (what mmsegmentation draws when no palette is given)."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append((r, g, b))
+    return out

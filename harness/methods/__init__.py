@@ -4,6 +4,10 @@ The registry also answers what a setting of a registered method is (`kind_of`, `
 which settings of the selected methods are temperatures or loss weights (`paths_of_kind`, what the
 protocol's `$temperatures` / `$weights` expand to), from each Config's field metadata
 (`harness.params`).
+
+Methods from outside the package register with `register(MethodClass)` (see `harness.plugins`: entry
+points in the group `harness.methods`, or the config's `plugins:` list); `+method=NAME` then works
+as for a built-in, its defaults taken from the Config (a yaml is optional).
 """
 from __future__ import annotations
 
@@ -38,10 +42,61 @@ _ALL = (
     SKD,
 )
 METHODS: Dict[str, type] = {m.name: m for m in _ALL}
+_SOURCES: Dict[str, str] = {m.name: f"built-in ({m.__module__})" for m in _ALL}
+
+
+def register(cls: type, source: Optional[str] = None) -> type:
+    """Add a method class (a `Method` subclass with `name` and a `Config` dataclass) to the registry,
+    so `+method=<cls.name>` selects it; usable as a class decorator. A name that is taken is a
+    ConfigError naming both sources; registering the same class again does nothing."""
+    from harness.plugins import source_of
+
+    name = getattr(cls, "name", None)
+    if not isinstance(cls, type) or not issubclass(cls, Method):
+        raise ConfigError(f"harness.methods.register needs a subclass of harness.methods.Method, got {cls!r}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"method class {cls.__qualname__} needs a class attribute `name` (an identifier, "
+                          f"the `+method=` name), got {name!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise ConfigError(f"method '{name}' ({cls.__qualname__}) needs a `Config` dataclass (its settings, "
+                          f"declared with harness.params.param)")
+    source = source or source_of(cls)
+    old = METHODS.get(name)
+    if old is not None:
+        if old is cls or (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__):
+            return cls
+        raise ConfigError(f"method '{name}' is registered twice: by {_SOURCES[name]} and by {source}; "
+                          f"rename one (its class attribute `name`)")
+    METHODS[name] = cls
+    _SOURCES[name] = source
+    _store_defaults(name, cls.Config)
+    return cls
+
+
+def _store_defaults(name: str, config: type) -> None:
+    """`+method=NAME` without a yaml: Hydra's ConfigStore holds `{NAME: <the Config's defaults>}`."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.structured(config), resolve=False)
+    defaults = {k: v for k, v in values.items() if v != "???"}
+    ConfigStore.instance().store(group="method", name=name, node={name: defaults})
+
+
+def source(name: str) -> str:
+    """Where method `name` was registered from (built-in, entry point or plugins entry)."""
+    return _SOURCES[name]
+
+
+def _plugins() -> None:
+    from harness.plugins import load_entry_points
+
+    load_entry_points()
 
 
 def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Method]:
     """One module per selected method, in a stable (sorted) order."""
+    _plugins()
     unknown = sorted(set(method_cfg) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))}")
@@ -50,6 +105,7 @@ def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Metho
 
 
 def config_of(method: str) -> type:
+    _plugins()
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'. Valid methods: {', '.join(sorted(METHODS))}")
     return METHODS[method].Config
@@ -90,4 +146,4 @@ def paths_of_kind(method_section: Mapping[str, Mapping[str, Any]], kind: str) ->
 
 
 __all__ = ["Batch", "Method", "MethodContext", "Progress", "METHODS", "build_methods", "config_of", "kind_of",
-           "path_kind", "paths_of_kind"]
+           "path_kind", "paths_of_kind", "register", "source"]
