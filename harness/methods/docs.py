@@ -2,6 +2,7 @@
 
     python -m harness.methods.docs --markdown [METHOD ...]     print the tables (with their markers)
     python -m harness.methods.docs --update-docs docs/methods.md   rewrite them in place
+    python -m harness.methods.docs --plugins my_kd/prob_mse.py --markdown prob_mse   a plug-in's table
 
 A test checks that `docs/methods.md` holds exactly the generated tables.
 """
@@ -34,8 +35,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.methods.docs", description="the methods' declared settings")
     ap.add_argument("--markdown", action="store_true", help="print the parameter tables (with their markers)")
     ap.add_argument("--update-docs", metavar="PATH", help="rewrite the tables of this markdown file in place")
+    ap.add_argument("--plugins", nargs="+", default=[], metavar="ENTRY",
+                    help="plug-ins to load first (module names, .py files, folders; entry points always load)")
     ap.add_argument("methods", nargs="*", help="methods to print (default: all)")
     args = ap.parse_args(argv)
+    from harness.plugins import load
+
+    load(args.plugins)
     if args.update_docs:
         with open(args.update_docs, encoding="utf-8") as fh:
             text = fh.read()
