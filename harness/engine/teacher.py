@@ -36,6 +36,7 @@ from harness.engine.evaluate import evaluate, slide_window
 from harness.engine.record import store_record
 from harness.engine.train import resolve_device, run
 from harness.models import Segmenter, build_segmenter
+from harness.models.convert import CheckpointLayoutError, convert_state_dict
 
 MODEL_KEYS = ("name", "backbone", "head", "output_stride", "head_channels", "width", "aux", "aux_weight",
               "dropout", "pretrained")
@@ -179,25 +180,21 @@ def load_checkpoint(cfg: dict, path: Path) -> Segmenter:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise TeacherError(f"teacher checkpoint {path} cannot be read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); it is corrupt or not a torch state dict") from None
+                           f"{str(e).splitlines()[0][:200]}); it is corrupt or not a torch state dict. It is read "
+                           f"with weights_only=True: a file that also pickles training state (mmengine's "
+                           f"message_hub, argparse args) must be re-saved as its state dict alone, e.g. "
+                           f"torch.save(torch.load(f, weights_only=False)['state_dict'], out) where you trust f") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TeacherError(f"teacher checkpoint {path} is not a state dict (a dict of tensors)")
     model = build_segmenter({k: cfg["teacher"][k] for k in MODEL_KEYS}, num_classes)
-    expected = model.state_dict()
-    wrong = [f"'{k}' is {list(v.shape)} in the file, the model needs {list(expected[k].shape)}"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:
+    try:  # checkpoints of torchvision, mmsegmentation and CIRKD are renamed to our keys (models/convert.py)
+        state, _ = convert_state_dict(state, model.state_dict(), cfg["teacher"].get("checkpoint_format") or "auto")
+    except CheckpointLayoutError as e:
         raise TeacherError(f"teacher checkpoint {path} does not fit teacher '{cfg['teacher']['name']}' "
-                           f"with {num_classes} classes (dataset '{cfg['dataset']['name']}'): "
-                           + "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise TeacherError(f"teacher checkpoint {path} is for another architecture than "
-                           f"'{cfg['teacher']['name']}': missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+                           f"with {num_classes} classes (dataset '{cfg['dataset']['name']}'): {e}") from None
     model.load_state_dict(state)
     return model
 
