@@ -1,4 +1,4 @@
-"""`python -m harness reproduce <row-id> [--seed N] [overrides]`: re-run what a number came from.
+"""`python -m harness reproduce <row-id> [--seed N] [--weights [--retrain]] [overrides]`: re-run what a number came from.
 
 `<row-id>` is the id of a leaderboard row (`harness.report.blocks.row_id`, printed in every
 leaderboard block) or the `run_id` of any row of the results database. The rows behind a leaderboard
@@ -16,6 +16,11 @@ bit-identical (`deterministic: true`), on another device it is usually close, no
 The new value is printed next to the stored one, with whether final mIoU, per-class IoU and the
 evaluation history are identical. The new run is not written to the database (it would count as a
 second rerun of the same seed); exit status 0 when identical, 1 when not, 2 for a bad id or seed.
+
+`--weights` measures the run's saved final student instead (`<paths.results>/checkpoints/<run_id>/final.pt`,
+found by the row's run id): the same evaluator on the stored config's split, seconds instead of a
+training, and final mIoU and per-class IoU compared (a history needs the training). When the file
+is missing it says so and retrains; `--retrain` always retrains (the default without `--weights`).
 """
 from __future__ import annotations
 
@@ -110,14 +115,38 @@ def compare(stored: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, bool]:
 def reproduce(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None,
               command: str = "") -> Dict[str, Any]:
     """Re-run `row`'s configuration; {stored, new (record), same: {final_miou, per_class_iou, history},
-    config, model (the trained student)}."""
+    config, model (the trained student)}. The new run is saved as no run of its own; when it is identical
+    and the stored run has no final.pt, its student becomes that file (`--weights` and `show` use it)."""
     from harness.engine.teacher import teacher_for
     from harness.engine.train import run
 
     cfg = reproduction_config(row, current, device)
+    cfg["checkpoint"] = {**(cfg.get("checkpoint") or {}), "final": False, "every": 0}  # leave the run's files alone
     result = run(cfg, teacher=teacher_for(cfg, command), command=command)  # not stored: a second rerun of a seed
     new = result.record
-    return {"stored": row, "new": new, "same": compare(row, new), "config": cfg, "model": result.model}
+    same = compare(row, new)
+    from harness.engine.checkpoint import final_path, save_final
+
+    if all(same.values()) and not final_path(cfg, row["run_id"]).is_file():
+        save_final(cfg, row["run_id"], result.model, row["config_hash"])
+    return {"stored": row, "new": new, "same": same, "config": cfg, "model": result.model}
+
+
+def from_weights(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Measure `row`'s saved final student as its run measured it; None when no final.pt was saved.
+    The same shape as `reproduce`'s answer (`same` without the history)."""
+    from harness.engine.train import evaluate_model, saved_student
+
+    cfg = reproduction_config(row, current, device)
+    model = saved_student(cfg, row["run_id"])
+    if model is None:
+        return None
+    metrics = evaluate_model(cfg, model)
+    new = {"final_miou": metrics["miou"], "per_class_iou_json": metrics["per_class_iou"], "split": row["split"],
+           "status": "saved weights"}
+    same = {"final_miou": row["final_miou"] == new["final_miou"],
+            "per_class_iou": row["per_class_iou_json"] == new["per_class_iou_json"]}
+    return {"stored": row, "new": new, "same": same, "config": cfg, "model": model.cpu().eval()}
 
 
 def _pct(v: Optional[float]) -> str:
@@ -129,7 +158,8 @@ def main(args: List[str]) -> int:
     from harness.config import load_config
     from harness.store import ResultsStore
 
-    ident, seed, overrides = parse_args(args)
+    flags = {a for a in args if a in ("--weights", "--retrain")}
+    ident, seed, overrides = parse_args([a for a in args if a not in flags])
     device = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "device"), None)
     current = load_config(overrides)
     store = ResultsStore(current["store"]["url"], readonly=True)
@@ -144,7 +174,14 @@ def main(args: List[str]) -> int:
     row = pick(rows, seed)
     print(f"reproducing {what}: run {row['run_id']} ({row['arm']}, seed {row['seed']}, split {row['split']})")
     command = "python -m harness reproduce " + " ".join(shlex.quote(a) for a in args)
-    result = reproduce(row, current, device, command)
+    result = None
+    if "--weights" in flags and "--retrain" not in flags:
+        from harness.engine.checkpoint import final_path
+
+        result = from_weights(row, current, device)
+        print(f"  weights        {final_path(current, row['run_id'])}: "
+              + ("the run's saved final student, measured again" if result else "missing; retraining the run"))
+    result = result or reproduce(row, current, device, command)
     new, same = result["new"], result["same"]
     print(f"  configuration  stored config_json of that run (hash {row['config_hash']}), device "
           f"{result['config']['device']}, threads {result['config']['threads']}")

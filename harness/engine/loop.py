@@ -5,9 +5,12 @@
         loss = CE(up(logits), y) + aux_weight * CE(up(aux), y)       (task, CIRKD protocol)
              + sum over methods, terms: weight * term(student, teacher, batch, progress)
         SGD step (momentum, weight decay); methods with their own optimiser step after it
-        every eval_interval iterations and at the end: evaluate -> callback
+        every 10 iterations and at each evaluation: log(iteration, loss terms, {total, lr, methods' step logs})
+        every eval_interval iterations and at the end: evaluate -> history (+ the loss terms) -> callback
+        after_step(fit so far): the caller may save the training state here
 
-A non-finite loss ends the fit as `failed` with the reason. The callback may stop the fit early
+`start` continues a fit from a saved state (`harness.engine.checkpoint`): its iterations, history and
+time; the caller has restored the models, optimisers, data position and RNGs. A non-finite loss ends the fit as `failed` with the reason. The callback may stop the fit early
 (`True` -> "stopped") or end it as failed (a string: the reason). `fit` builds nothing, opens no
 store and writes no record: `harness.engine.train.run` sets it up and turns its `Fit` into a record.
 
@@ -30,11 +33,14 @@ from harness.methods import Batch, Method, Progress
 # callback(iteration, metrics) -> None to go on, True to stop the run early ("stopped"), or a
 # string to end it as "failed" with that reason (the sweep's collapse rule)
 EvalCallback = Callable[[int, Dict[str, object]], Optional[object]]
+# log(iteration, {loss term: weighted value}, {"loss": total, "lr": lr, "<method>.<name>": its own step's logs})
+LogHook = Callable[[int, Dict[str, float], Dict[str, float]], None]
 
 
 @dataclass
 class Fit:
-    """What a fit did: its end, the evaluations and the last value of every loss term."""
+    """What a fit did: its end, the evaluations (each with the loss terms at that iteration) and the
+    last value of every loss term."""
     status: str = "completed"                 # completed | failed | stopped
     failure: Optional[str] = None
     iterations: int = 0                       # steps taken
@@ -49,10 +55,12 @@ def fit(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         methods: Sequence[Method] = (), teacher: Optional[torch.nn.Module] = None,
         grad_clip_norm: Optional[float] = None, device: torch.device = torch.device("cpu"),
         amp_dtype: Optional[torch.dtype] = None, memory_format=torch.contiguous_format,
-        callback: Optional[EvalCallback] = None, bar=None) -> Fit:
-    out = Fit()
-    started = time.time()
-    for k in range(iterations):
+        callback: Optional[EvalCallback] = None, bar=None, log: Optional[LogHook] = None,
+        after_step: Optional[Callable[[Fit], None]] = None, start: Optional[Fit] = None) -> Fit:
+    out = start or Fit()
+    started = time.time() - out.train_time_s
+    extras: Dict[str, float] = {}
+    for k in range(out.iterations, iterations):
         step_lr = poly_lr(lr, k, iterations, poly_power)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -84,20 +92,24 @@ def fit(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip_norm)
         optimizer.step()
         for method in methods:
-            method.extra_step(s_out, t_out, batch, progress)
+            logs = method.extra_step(s_out, t_out, batch, progress)
+            extras.update({f"{method.name}.{name}": value for name, value in logs.items()})
         out.iterations = done = k + 1
+        evaluating = done % eval_every == 0 or done == iterations
 
-        if k % 10 == 0 or done == iterations:  # each float() waits for the GPU: not every step
+        if k % 10 == 0 or evaluating:  # each float() waits for the GPU: not every step
             out.last_terms = {name: float(v.detach()) for name, v in terms.items()}
+            if log is not None:
+                log(done, out.last_terms, {"loss": float(loss.detach()), "lr": step_lr, **extras})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step_lr:.2e}", refresh=False)
         if bar is not None:
             bar.update(1)
-        if done % eval_every == 0 or done == iterations:
+        if evaluating:
             metrics = evaluate()
             out.history.append({"iteration": done, "miou": metrics["miou"], "loss": float(loss.detach()),
                                 "pixel_accuracy": metrics["pixel_accuracy"],
-                                "per_class_iou": metrics["per_class_iou"]})
+                                "per_class_iou": metrics["per_class_iou"], "terms": dict(out.last_terms)})
             decision = callback(done, metrics) if callback is not None else None
             if isinstance(decision, str):
                 out.status, out.failure = "failed", decision
@@ -105,6 +117,9 @@ def fit(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             if decision:
                 out.status, out.failure = "stopped", f"stopped by the caller after iteration {done}"
                 break
+        out.train_time_s = time.time() - started
+        if after_step is not None:
+            after_step(out)
     out.train_time_s = time.time() - started
     return out
 

@@ -6,15 +6,15 @@ the dataset's palette (`dataset.palette`; ignore pixels black) and a legend of t
 papers' qualitative figures. The filters select rows by name as in `leaderboard`; without
 `+method=` the distilled arm with the best mean val mIoU of the block is shown.
 
-**Where the students' weights come from.** Runs do not save student weights (a sweep trains
-hundreds of students and needs none of them afterwards). Rather than adding weight saving behind a
-config flag -- which would not help any database that already exists -- `show` retrains the rerun
-configuration of each arm's first (lowest) seed through `harness.reproduce` (the stored config,
-`harness.engine.train.run`). This is the cheaper robust option: one run per arm, on any existing
-database, and deterministic: on the recording device the retrained student *is* the one behind
-the stored number, which the figure checks and states ("identical to the stored run: yes/no").
-The retrained weights are cached in ``<paths.cache>/show/`` (keyed by config hash and seed), so a
-second `show` costs only the forward passes. The teacher comes from the teacher cache (the
+**Where the students' weights come from.** Every run saves its final student
+(`<paths.results>/checkpoints/<run_id>/final.pt`, `checkpoint.final`); `show` loads the one of each
+arm's first (lowest) seed rerun row, found by its run id. Only when that file is missing (a database
+from before, `checkpoint.final=false`, another results folder) -- it says so -- or with
+`show.retrain=true` does it retrain the row's configuration through `harness.reproduce` (the stored
+config, `harness.engine.train.run`): deterministic, so on the recording device the retrained student
+*is* the one behind the stored number, which the figure checks and states ("identical to the stored
+run: yes/no"). Retrained weights are cached in ``<paths.cache>/show/`` (keyed by config hash and
+seed), so a second `show` costs only the forward passes. The teacher comes from the teacher cache (the
 distilled run just used it) or `teacher.checkpoint`.
 
 A missing arm or teacher gives a panel saying why instead of predictions, never a crash.
@@ -53,18 +53,31 @@ def first_seed_row(arm: Arm) -> Dict[str, Any]:
 
 
 def trained_student(row: Dict[str, Any], cfg: dict) -> Tuple[Any, Dict[str, Any]]:
-    """(student model, info) for a rerun row: cached weights, else retrained by `reproduce`."""
+    """(student model, info) for a rerun row: its run's saved final.pt, else cached or retrained weights."""
     import torch
 
+    from harness.engine.checkpoint import CheckpointError, final_path
     from harness.engine.teacher import MODEL_KEYS
+    from harness.engine.train import saved_student
     from harness.models import build_segmenter
     from harness.reproduce import reproduce
 
+    if not (cfg.get("show") or {}).get("retrain"):
+        try:
+            model = saved_student(row["config_json"], row["run_id"], current=cfg)
+        except CheckpointError as e:
+            print(f"[show] {e}; retraining instead", flush=True)
+            model = None
+        if model is not None:
+            return model, {"run_id": row["run_id"], "seed": row["seed"], "stored_miou": row["final_miou"],
+                           "retrained_miou": None, "identical": True, "saved": True}
+        print(f"[show] run {row['run_id']} saved no final student ({final_path(cfg, row['run_id'])} is missing)",
+              flush=True)
     folder = Path(cfg["paths"]["cache"]) / "show"
     stem = folder / f"{row['config_hash']}-seed{row['seed']}"
     weights, meta = stem.with_suffix(".pt"), stem.with_suffix(".json")
     rcfg = row["config_json"]
-    if weights.is_file() and meta.is_file():
+    if weights.is_file() and meta.is_file() and not (cfg.get("show") or {}).get("retrain"):
         model = build_segmenter({k: rcfg["student"][k] for k in MODEL_KEYS}, rcfg["dataset"]["num_classes"])
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model.eval(), json.loads(meta.read_text())
@@ -202,6 +215,8 @@ def _title(name: str, arm: Arm, info: Dict[str, Any]) -> str:
     def pct(v: Optional[float]) -> str:
         return MISSING if v is None else f"{100 * v:.2f}"
 
+    if info.get("saved"):
+        return f"{name}\nseed {info['seed']}: val mIoU {pct(info['stored_miou'])}\n(the run's saved weights)"
     same = "yes" if info.get("identical") else "no"
     return (f"{name}\nseed {info['seed']}: val mIoU {pct(info['retrained_miou'])}\n"
             f"(stored {pct(info['stored_miou'])}, identical: {same})")
