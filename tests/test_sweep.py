@@ -14,6 +14,8 @@ from harness.cli import main
 from harness.config import PROJECT_ROOT, load_config
 from harness.errors import ConfigError
 from harness.store import ResultsStore
+from harness.sweep.budget import (Budget, arm_budget, parity_prefix, student_prefix, student_reruns_for, unequal,
+                                  winner)
 from harness.sweep.protocol import expand_space, load_protocol, parse_protocol
 
 pytestmark = pytest.mark.slow
@@ -94,9 +96,10 @@ def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, tiny, capsys):
 
 
 # ------------------------------------------------------------------------------ real sweeps
-def test_smoke_sweep_runs_every_stage_and_reuses_the_student_arm(ray_local, tiny, capsys):
+@pytest.mark.timeout(1200)  # two sweeps, and the student-only arm grows in several Ray launches
+def test_smoke_sweep_runs_every_stage_and_grows_and_reuses_the_student_arm(ray_local, tiny, capsys):
     overrides = tiny("+method=kd")
-    assert main(["sweep", *overrides]) == 0
+    assert main(["sweep", *overrides, "report.after_sweep=false"]) == 0   # the second sweep regenerates them
     out = capsys.readouterr().out
     db = rows(overrides)
     stages = {(r["arm"], r["stage"]) for r in db if r["stage"]}
@@ -110,12 +113,37 @@ def test_smoke_sweep_runs_every_stage_and_reuses_the_student_arm(ray_local, tiny
     # the distilled reruns carry every winner forward (lineage of the protocol)
     d = next(r for r in reruns if r["arm"] == "distilled")
     assert {"optim.lr", "optim.weight_decay", "method.kd.tau", "method.kd.weight", "seed"} <= set(d["params_json"])
-    # a second method sweep reuses the student-only arm instead of re-tuning it
-    before = len([r for r in db if r["arm"] == "student-only"])
-    assert main(["sweep", *tiny("+method=cwd")]) == 0
+    assert all(r["extra_json"]["stage_kind"] for r in db if r["stage"])
+    assert all(r["extra_json"]["first_cut"] == {"evaluation": 1, "iteration": 2, "pruning": r["stage"] == "lr_wd"}
+               for r in db if r["stage"] and r["stage"] != "reruns")
+    # budget parity: the student-only arm grew its lr_wd sequence to the distilled arm's budget
+    extra = d["extra_json"]
+    mine, theirs = (Budget.from_dict(extra["tuning_budget"][a]) for a in ("student-only", "distilled"))
+    assert extra["unequal_tuning_budget"] is None and unequal(mine, theirs) is None and theirs.started >= 6
+    n = extra["student_arm"]["trials"]
+    assert n >= theirs.started and extra["student_arm"]["arm_id"].startswith("student-only:")
+    sequence = rows(overrides, arm="student-only", stage="lr_wd")
+    assert len(sequence) == n and arm_budget(student_prefix(sequence, n)) == mine
+    assert parity_prefix(sequence, theirs, start=2) == n                  # the smallest prefix that reaches it
+    assert winner(sequence)["run_id"] == extra["student_arm"]["winner_run_id"]
+    student_reruns = student_reruns_for(d, [r for r in reruns if r["arm"] == "student-only"])
+    assert len(student_reruns) == 2 and all(r["extra_json"]["tuned_trials"] == n for r in student_reruns)
+    assert "tuning budget" in out and f"{theirs.started} trials started" in out
+    assert "rank agreement first cut (iteration 2) vs end" in out
+    # a larger composition on the same database grows the same sequence: no trial run twice
+    assert main(["sweep", *tiny("+method=[kd,cwd]")]) == 0
     out = capsys.readouterr().out
     assert "student-only: 2/2 trials already in the database" in out and "reused" in out
-    assert len(rows(overrides, arm="student-only")) == before
+    grown = rows(overrides, arm="student-only", stage="lr_wd")
+    assert [r["run_id"] for r in grown[:n]] == [r["run_id"] for r in sequence]     # the same rows, not rerun
+    assert grown[:n] == sequence
+    both = next(r for r in rows(overrides, stage="reruns", arm="distilled") if r["methods"] == "kd,cwd")["extra_json"]
+    n2 = both["student_arm"]["trials"]
+    assert len(grown) == n2 > n and both["unequal_tuning_budget"] is None
+    assert len({(r["params_json"]["optim.lr"], r["params_json"]["optim.weight_decay"]) for r in grown}) == n2
+    # the earlier comparison keeps its N and its winner
+    assert parity_prefix(grown, theirs, start=2) == n
+    assert winner(student_prefix(grown, n))["run_id"] == extra["student_arm"]["winner_run_id"]
     # each sweep regenerated the evidence, with every method of the database in the leaderboard
     cfg = load_config(overrides)
     board = (Path(cfg["paths"]["results"]) / "leaderboard.md").read_text()
@@ -370,7 +398,13 @@ def test_dry_run_prints_the_plan_and_an_estimate_and_writes_nothing(tmp_path, ca
     # the runner's own expansion: one temperature sub-stage per method, each a 4-point grid
     assert "temperature[method.cwd.tau]" in out and "temperature[method.gskd.tau]" in out
     stage_lines = [l for l in out.splitlines() if l.startswith("  lr_wd") or l.startswith("  reruns")]
-    assert len(stage_lines) == 4 and all(" 6  " in l or " 5  " in l for l in stage_lines)
+    assert len(stage_lines) == 4 and all(" 6  " in l or " 5  " in l for l in stage_lines if "student-only" not in l
+                                         or "reruns" in l)
+    # the student-only arm's lr_wd grows to the distilled arm's 21 trials (6 + 4 + 4 + 3 + 3 + 1)
+    assert any("student-only" in l and " 21  " in l and "grows from the protocol's 6" in l for l in stage_lines)
+    assert "tuning budget per arm" in out
+    assert any(l.split()[:3] == ["distilled", "21", "trials,"] for l in out.splitlines())
+    assert any(l.split()[:3] == ["student-only", "21", "trials,"] for l in out.splitlines())
     assert "4 concurrent trials x (1 CPU, 0.5 GPU)" in out
     assert "GPU-hours at 100 TFLOP/s" in out and "h wall with 2 GPUs busy" in out
 
