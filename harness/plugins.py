@@ -93,7 +93,9 @@ def _register_object(group: str, name: str, obj, source: str) -> None:
 
 # -------------------------------------------------------------------------- the plugins list
 def is_path(entry: str) -> bool:
-    return "/" in entry or os.sep in entry or entry.endswith(".py") or entry.startswith(("~", "."))
+    """A file or folder (contains a '/', ends with .py, or exists here), else a module name."""
+    return ("/" in entry or os.sep in entry or entry.endswith(".py") or entry.startswith(("~", "."))
+            or Path(entry).exists())
 
 
 def resolve(entries: Optional[Iterable[str]]) -> List[str]:

@@ -289,13 +289,15 @@ def test_the_folder_dataset_reads_its_splits_classes_and_palette(tmp_path, clean
     assert np.allclose(val.class_frequencies().sum(), 1.0)
 
 
-def test_the_folder_dataset_reads_split_lists(tmp_path, clean_registries):
+def test_the_folder_dataset_reads_split_lists(tmp_path, monkeypatch, clean_registries):
     from harness.data import build_dataset
 
     make_streets(tmp_path / "data")
     (tmp_path / "data" / "val.txt").write_text("val/val_001\n")
-    conf = folder_yaml(tmp_path, val_list="val.txt")
-    cfg = load_config([f"plugins=[{conf}]", "dataset=streets"])
+    folder_yaml(tmp_path, val_list="val.txt")
+    monkeypatch.chdir(tmp_path)  # a folder named without a '/' is a folder, not a module name
+    cfg = load_config(["plugins=[conf]", "dataset=streets"])
+    assert cfg["plugins"] == [str(tmp_path / "conf")]
     val = build_dataset(cfg["dataset"], "val")
     assert [s.key for s in val.samples] == ["val/val_001"]
 

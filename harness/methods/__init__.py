@@ -99,7 +99,8 @@ def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Metho
     _plugins()
     unknown = sorted(set(method_cfg) - set(METHODS))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))} (a plug-in method "
+                         f"must be loaded first: harness.plugins.load(cfg['plugins']))")
     return [METHODS[name](method_cfg[name], ctx) for name in sorted(method_cfg)]
 
 
