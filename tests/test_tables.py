@@ -614,3 +614,28 @@ def test_unequal_tuning_budget_is_marked_with_both_numbers(tmp_path, cfg):
     t = leaderboard.build(blk.load_blocks(s), s)[0]
     cwd = {r.label: r for r in t.rows}["cwd"]
     assert cwd.tuning.unequal is None and cwd.tuning.student_trials == 3 and cwd.tuning.source == "recorded by the sweep"
+
+
+def test_lift_at_equal_compute_from_the_compute_matched_rows(tmp_path, cfg):
+    from scipy import stats as st
+
+    s = ResultsStore(tmp_path / "matched.db")
+    student, kd, longer = [0.50, 0.51, 0.49, 0.50], [0.53, 0.53, 0.52, 0.54], [0.52, 0.53, 0.52, 0.52]
+    add_arm(s, cfg, "student-only", student, sweep_id="student-only:S", train_time_s=10.0, iterations=100,
+            extra_json={"stage_kind": "rerun"})
+    add_arm(s, cfg, "kd", kd, sweep_id="distilled:kd:K", train_time_s=25.0, iterations=100, extra_json={"stage_kind": "rerun"})
+    add_arm(s, cfg, "student-only", longer, sweep_id="student-only:S", stage="compute_matched", iterations=250,
+            extra_json={"stage_kind": "compute_matched", "matched_to": "distilled:kd:K", "measure": "time",
+                        "cost_ratio": 2.5, "iterations": 250, "device": "cpu"})
+    t = leaderboard.build(blk.load_blocks(s), s)[0]
+    assert [r.label for r in t.rows] == ["student-only", "kd"]      # the matched rows are not a leaderboard arm
+    row = t.rows[1]
+    m = row.matched["time"]
+    ref = st.ttest_rel(kd, longer)
+    assert m.verdict.lift == pytest.approx(np.mean(np.subtract(kd, longer))) and m.verdict.p == pytest.approx(ref.pvalue)
+    assert m.ratio == 2.5 and m.iterations == 250 and "energy" not in row.matched
+    assert leaderboard.cost_ratios(row.arm, t.block.baseline)["time"] == pytest.approx(2.5)
+    md = leaderboard.to_markdown([t], ["Source: test"])
+    assert "lift at equal compute: wall-clock" in md and "2.50x, 250 it." in md and "n/a (stage not run)" in md
+    df = pd.DataFrame(leaderboard.csv_rows([t], "db", "c"))
+    assert df.loc[1, "lift_equal_time_pct"] == pytest.approx(100 * m.verdict.lift, abs=1e-6)

@@ -61,6 +61,10 @@ CSV_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("tuning_trials_distilled", "Int64"), ("tuning_iterations_distilled", "Int64"), ("tuning_kwh_distilled", "float64"),
     ("tuning_trials_student", "Int64"), ("tuning_iterations_student", "Int64"), ("tuning_kwh_student", "float64"),
     ("tuning_budget", "string"), ("expected_best_above_from", "Int64"),
+    ("lift_equal_time_pct", "float64"), ("lift_equal_time_low_pct", "float64"), ("lift_equal_time_high_pct", "float64"),
+    ("cost_ratio_time", "float64"),
+    ("lift_equal_energy_pct", "float64"), ("lift_equal_energy_low_pct", "float64"),
+    ("lift_equal_energy_high_pct", "float64"), ("cost_ratio_energy", "float64"),
     ("best", "bool"), ("within_one_std", "bool"),
     ("energy_kwh_per_run", "float64"), ("co2_kg_per_run", "float64"), ("sweep_energy_kwh", "float64"),
     ("params", "Int64"), ("flops", "Int64"), ("latency_ms", "float64"),
@@ -84,6 +88,7 @@ class Row:
     co2_kg: Optional[float] = None
     sweep_energy_kwh: Optional[float] = None
     tuning: Optional["Tuning"] = None    # both arms' tuning budgets of this comparison
+    matched: Dict[str, "Matched"] = field(default_factory=dict)   # 'time' / 'energy' -> equal-compute lift
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -110,6 +115,20 @@ class Tuning:
     unequal: Optional[str] = None        # the mark with both numbers, or None
     crossing: Optional[int] = None       # smallest budget from which distilled's expected best stays above
     crossing_note: str = ""
+
+
+@dataclass
+class Matched:
+    """The lift at equal compute: the distilled arm's reruns against the tuned student-only
+    configuration rerun on the same seeds with its iterations scaled by the measured cost ratio
+    (``extra_json.stage_kind == "compute_matched"`` rows of the student-only arm, ``matched_to`` the
+    distilled arm's sweep id). `measure`: 'time' (wall-clock per iteration) or 'energy' (kWh per run)."""
+    measure: str
+    verdict: Any                         # harness.stats.Verdict (not in the Holm family: a second view)
+    ratio: Optional[float] = None        # distilled cost / student cost, as measured
+    iterations: Optional[int] = None     # the student's scaled iterations
+    device: str = ""
+    runs: int = 0
 
 
 @dataclass
@@ -176,6 +195,7 @@ def build_block(block: Block, store=None, test: str = "t", min_seeds: int = 3, e
                                  f"sd {100 * comp.verdict.sd:.2f}, alpha 0.05/{comp.family_size})")
         _energy(row, arm, store)
         if comp is not None and store is not None:
+            row.matched = _matched(store, arm)
             row.tuning = _tuning(store, arm, base)
             if row.tuning.unequal:
                 row.notes.append(row.tuning.unequal)
@@ -206,6 +226,29 @@ def _energy(row: Row, arm: Arm, store) -> None:
     row.sweep_energy_kwh = sum(have) if have else None
     if have and len(have) < len(runs):
         row.notes.append(f"sweep energy: {len(runs) - len(have)} of {len(runs)} runs without energy (not counted)")
+
+
+COMPUTE_MATCHED = "compute_matched"   # = harness.sweep.protocol's stage kind of the equal-compute control
+
+
+def _matched(store, arm: Arm) -> Dict[str, Matched]:
+    """measure -> the equal-compute verdict of a distilled arm (empty when the sweep ran no such stage)."""
+    from harness import stats
+
+    if not arm.sweep_ids:
+        return {}
+    rows = [r for r in store.query(arm=STUDENT_ONLY)
+            if (r.get("extra_json") or {}).get("stage_kind") == COMPUTE_MATCHED
+            and (r.get("extra_json") or {}).get("matched_to") in arm.sweep_ids]
+    out: Dict[str, Matched] = {}
+    for measure in sorted({(r.get("extra_json") or {}).get("measure") or "time" for r in rows}):
+        mine = [r for r in rows if ((r.get("extra_json") or {}).get("measure") or "time") == measure]
+        done = {int(r["seed"]): r["final_miou"] for r in mine
+                if r["status"] == "completed" and r["final_miou"] is not None and r["seed"] is not None}
+        e = (mine[-1].get("extra_json") or {}) if mine else {}
+        out[measure] = Matched(measure, stats.compare_seeds(arm.by_seed, done), e.get("cost_ratio"),
+                               e.get("iterations"), str(e.get("device") or ""), len({r["seed"] for r in mine}))
+    return out
 
 
 def _tuning_rows(store, arm: Arm) -> List[Dict[str, Any]]:
@@ -416,6 +459,62 @@ def _tuning_table(t: BlockTable) -> List[str]:
                 f"pruned trial counting the iterations it ran):", ""] + markdown_table(TUNING_HEADER, body, "lrrrrrrll")
 
 
+MATCHED_HEADER = ("arm", "lift at equal iterations [95% CI]", "lift at equal compute: wall-clock [95% CI]",
+                  "cost ratio (time)", "lift at equal compute: energy [95% CI]", "cost ratio (energy)")
+
+
+def _verdict_cell(v) -> str:
+    if v is None or v.lift is None:
+        return MISSING
+    inner = f"[{100 * v.low:+.2f}, {100 * v.high:+.2f}]" if v.low is not None else f"[{MISSING}]"
+    return f"{100 * v.lift:+.2f} {inner}" + (" W" if v.design == "unpaired" else "")
+
+
+def cost_ratios(arm: Arm, base: Optional[Arm]) -> Dict[str, float]:
+    """Distilled / student-only cost of one run, measured on the reruns: 'time' = mean training seconds
+    per iteration, 'energy' = mean kWh per run (only where both arms recorded it)."""
+    def mean(values):
+        values = [v for v in values if v is not None and v > 0]
+        return sum(values) / len(values) if values else None
+
+    if base is None:
+        return {}
+    out = {}
+    per_it = lambda a: mean(r["train_time_s"] / r["iterations"] for r in a.rows  # noqa: E731
+                            if r.get("train_time_s") and r.get("iterations"))
+    for measure, f in (("time", per_it), ("energy", lambda a: mean(r.get("energy_kwh") for r in a.rows))):
+        d, s = f(arm), f(base)
+        if d is not None and s is not None:
+            out[measure] = d / s
+    return out
+
+
+def _matched_table(t: BlockTable) -> List[str]:
+    rows = [r for r in t.rows if not r.is_baseline and r.comparison is not None]
+    if not rows:
+        return []
+    body, devices = [], set()
+    for r in rows:
+        cells = [r.label, _verdict_cell(r.verdict)]
+        measured = cost_ratios(r.arm, t.block.baseline)
+        for measure in ("time", "energy"):
+            m = r.matched.get(measure)
+            if m is None:
+                ratio = measured.get(measure)
+                cells += [f"{MISSING} (stage not run)",
+                          MISSING if ratio is None else f"{ratio:.2f}x (from the reruns)"]
+                continue
+            devices.add(m.device or MISSING)
+            ratio = MISSING if m.ratio is None else f"{m.ratio:.2f}x" + (f", {m.iterations} it." if m.iterations else "")
+            cells += [_verdict_cell(m.verdict), ratio]
+        body.append(cells)
+    what = ("the tuned student-only configuration rerun on the same seeds with its iterations scaled so its "
+            "training compute equals the distilled arm's (teacher forward, method terms and extra steps charged "
+            "to the distilled arm), the cost ratio measured on " + (", ".join(sorted(devices)) or "the sweep's device")
+            + "; paired t interval, not in the Holm family")
+    return ["", f"Lift at equal compute ({what}):", ""] + markdown_table(MATCHED_HEADER, body, "lrrrrr")
+
+
 def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str = "t",
                 empty_message: str = "") -> str:
     lines = ["# Leaderboard", "", LEGEND.format(test=test_name(test)), ""]
@@ -435,6 +534,7 @@ def to_markdown(tables: Sequence[BlockTable], source: Sequence[str], test: str =
                          _energy_cell(r.sweep_energy_kwh, 1), params, flops, lat])
         lines += markdown_table(HEADER, body, "ll" + "r" * (len(HEADER) - 2))
         lines += _tuning_table(t)
+        lines += _matched_table(t)
         notes = _footnotes(t)
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
@@ -532,6 +632,7 @@ def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str
                 "tuning_kwh_student": tu.student.kwh if tu else None,
                 "tuning_budget": (tu.unequal or "equal") if tu else None,
                 "expected_best_above_from": tu.crossing if tu else None,
+                **_matched_csv(r),
                 "best": r.best, "within_one_std": r.within_one_std,
                 "energy_kwh_per_run": r.energy_kwh, "co2_kg_per_run": r.co2_kg,
                 "sweep_energy_kwh": r.sweep_energy_kwh,
@@ -540,6 +641,18 @@ def csv_rows(tables: Sequence[BlockTable], database: str, commit: str, test: str
                 "notes": "; ".join(t.notes + r.notes + ([t.efficiency_note] if t.efficiency_note else [])) or None,
                 "database": database, "generated_by_commit": commit,
             })
+    return out
+
+
+def _matched_csv(r: Row) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for measure in ("time", "energy"):
+        m = r.matched.get(measure)
+        v = m.verdict if m else None
+        out[f"lift_equal_{measure}_pct"] = pct(v.lift, 6) if v else None
+        out[f"lift_equal_{measure}_low_pct"] = pct(v.low, 6) if v else None
+        out[f"lift_equal_{measure}_high_pct"] = pct(v.high, 6) if v else None
+        out[f"cost_ratio_{measure}"] = m.ratio if m else None
     return out
 
 
