@@ -278,15 +278,15 @@ def test_a_resumed_tpe_stage_runs_the_points_of_the_uninterrupted_sweep(ray_loca
 
 
 def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeypatch):
-    """The trial function itself (outside Ray): tune-mIoU 0.30 -> 0.40 -> 0.05 collapses at the third
-    evaluation (below collapse_fraction=0.5 of the best so far); the run stops there, its row says
-    why, and Tune is told 0 so that the trial can never win."""
+    """The trial function itself (outside Ray): tune-mIoU 0.30 -> 0.40 -> 0.05 -> 0.04 collapses at the
+    fourth evaluation (below collapse_fraction=0.5 of the best so far twice in a row); the run stops
+    there, its row says why, and Tune is told 0 so that the trial can never win."""
     import harness.engine.train as train_module
     from ray import tune
 
     from harness.sweep.trial import TrialSpec, trainable
 
-    script = iter([0.30, 0.40, 0.05, 0.50])
+    script = iter([0.30, 0.40, 0.05, 0.04, 0.50])
     real_evaluate = train_module.evaluate
 
     def scripted(*args, **kwargs):
@@ -297,17 +297,18 @@ def test_collapsing_miou_ends_the_trial_as_failed_and_reports_zero(tiny, monkeyp
     monkeypatch.setattr(train_module, "evaluate", scripted)
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
     monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_id": lambda self: "t0"})())
-    overrides = tiny("budget.iterations=8", "budget.eval_interval=2")
+    overrides = tiny("budget.iterations=10", "budget.eval_interval=2")
     cfg = load_config(overrides)
     spec = TrialSpec(base=cfg, fixed={}, arm_id="arm", stage="lr", stage_kind="tpe", split="tune", threads=1,
                      collapse_fraction=0.5, command="test")
     trainable({"optim.lr": 0.01}, spec)
 
-    assert [r["miou"] for r in reports] == [0.30, 0.40, 0.0]           # no 4th evaluation
-    assert reports[-1]["failed"].startswith("tune mIoU collapsed from 0.4000 to 0.0500 at iteration 6")
+    assert [r["miou"] for r in reports] == [0.30, 0.40, 0.05, 0.0]     # no 5th evaluation
+    assert reports[-1]["failed"].startswith("tune mIoU collapsed from 0.4000 to 0.0400")
+    assert reports[-1]["failed"].endswith("at iteration 8")
     row = rows(overrides, run_id="arm:lr:t0")[0]
     assert row["status"] == "failed" and row["failure_reason"] == reports[-1]["failed"]
-    assert row["iterations"] == 6 and row["params_json"] == {"optim.lr": 0.01}
+    assert row["iterations"] == 8 and row["params_json"] == {"optim.lr": 0.01}
     assert row["extra_json"]["stage_kind"] == "tpe" and row["config_json"]["eval_split"] == "tune"
 
 
