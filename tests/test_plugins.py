@@ -89,6 +89,7 @@ def make_streets(root: Path, n_train: int = 8, n_val: int = 2, size: int = 32, s
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four subprocesses: about 2 minutes on an idle 2-core machine, far more on a busy one
 def test_the_method_tutorial_runs_from_a_folder_outside_the_package(tmp_path, shared_cache):
     write_files("add_a_method.md", tmp_path)
     for line in commands("add_a_method.md"):
@@ -106,6 +107,7 @@ def test_the_method_tutorial_runs_from_a_folder_outside_the_package(tmp_path, sh
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_dataset_tutorial_runs_from_a_folder_outside_the_package(tmp_path, shared_cache):
     write_files("add_a_dataset.md", tmp_path)
     make_streets(tmp_path / "data" / "my_streets")
@@ -116,6 +118,7 @@ def test_the_dataset_tutorial_runs_from_a_folder_outside_the_package(tmp_path, s
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_sweep_loads_the_plug_ins_in_its_ray_trials(tmp_path, shared_cache):
     """A real (tiny) sweep: the trials run in Ray worker processes, which load the plug-ins themselves."""
     from harness.store import ResultsStore
