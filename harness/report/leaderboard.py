@@ -178,6 +178,7 @@ def build_block(block: Block, store=None, test: str = "t", min_seeds: int = 3, e
             row.notes.append(f"{arm.n} seeds < report.min_seeds = {min_seeds}")
         for lost in arm.lost_reasons():
             row.notes.append(f"not completed, left out: {lost}")
+        row.notes += [f"seeds: {s}" for s in [((r.get("extra_json") or {}).get("seeds_rule") or {}).get("stopped") for r in arm.rows][-1:] if s]
         comp = verdicts.vs_student.get(label)
         if comp is not None:
             row.comparison = comp

@@ -179,3 +179,76 @@ def rank_agreement(rows: Iterable[Dict[str, Any]], iteration: Optional[int]) -> 
 
     out["rho"] = float(spearmanr(first, final).statistic)
     return out
+
+
+# ------------------------------------------------------------------ compute-matched control
+def run_cost(rows: Iterable[Dict[str, Any]], measure: str) -> Optional[float]:
+    """Mean training cost of one run over completed rerun rows: 'time' = train seconds per iteration
+    (`train_time_s / iterations`), 'energy' = kWh per run (`energy_kwh`); rows without a positive
+    value are left out; None when no row has one. (The leaderboard's `cost_ratios` reads the same.)"""
+    if measure == "time":
+        values = [r["train_time_s"] / r["iterations"] for r in rows
+                  if r.get("train_time_s") and r.get("iterations")]
+    elif measure == "energy":
+        values = [r.get("energy_kwh") for r in rows]
+    else:
+        raise ValueError(f"unknown cost measure {measure!r} (time, energy)")
+    values = [float(v) for v in values if v is not None and v > 0]
+    return sum(values) / len(values) if values else None
+
+
+def measured_cost_ratio(distilled_rows: Iterable[Dict[str, Any]], student_rows: Iterable[Dict[str, Any]],
+                        measure: str):
+    """(distilled cost / student-only cost per run, None) measured on the two arms' completed reruns, or
+    (None, why not) when an arm recorded no such cost (energy tracking off)."""
+    d, s = run_cost(list(distilled_rows), measure), run_cost(list(student_rows), measure)
+    if d is None or s is None:
+        what = "train time per iteration" if measure == "time" else "energy (kWh)"
+        arms = [a for a, v in (("distilled", d), ("student-only", s)) if v is None]
+        return None, f"no {what} recorded on the {' and '.join(arms)} reruns" + (
+            " (energy.enabled false or codecarbon unavailable)" if measure == "energy" else "")
+    return d / s, None
+
+
+def scaled_budget(iterations: int, eval_interval: int, ratio: float):
+    """(iterations, eval_interval) of the compute-matched student run: iterations x ratio, rounded (at
+    least 1); the evaluation interval scaled by the same factor (rounded, at least 1) so that the run
+    is evaluated about as often as the reruns it is compared with. The poly lr schedule runs over the
+    scaled length (the loop decays over `budget.iterations`)."""
+    n = max(1, int(round(iterations * ratio)))
+    every = max(1, int(round(eval_interval * n / iterations)))
+    return n, min(every, n)
+
+
+# ------------------------------------------------------------------------------ adaptive seeds
+def auto_seeds_decision(distilled_by_seed: Dict[int, float], student_by_seed: Dict[int, float], seeds: int,
+                        target_halfwidth: float, max_seeds: int, min_seeds: int = 3) -> Optional[str]:
+    """After `seeds` seeds of both arms: why the reruns stop (a text), or None to add a seed. The rule
+    is on the width only, never on p: stop when the paired 95 % t interval of the lift
+    (`harness.stats.compare_seeds(distilled, student).halfwidth`) is <= `target_halfwidth`, or when
+    `max_seeds` seeds ran; never before `min_seeds`."""
+    from harness import stats
+
+    width = stats.compare_seeds(distilled_by_seed, student_by_seed).halfwidth
+    shown = "n/a" if width is None else f"{width:.4f}"
+    if seeds >= min_seeds and width is not None and width <= target_halfwidth:
+        return f"halfwidth {shown} <= {target_halfwidth:g} after {seeds} seeds"
+    if seeds >= max_seeds:
+        return f"max_seeds {max_seeds} reached (halfwidth {shown})"
+    return None
+
+
+def auto_seeds_stop(distilled_values: Sequence[float], student_values: Sequence[float], target_halfwidth: float,
+                    max_seeds: int, min_seeds: int = 3):
+    """(seeds run, why it stopped) for per-seed values given in seed order (seed 1 first): the rule of
+    `auto_seeds_decision` applied after each added seed pair. A None value is a failed run (left out
+    of the pairs, the seed still counts). Raises ValueError if the values run out before it stops."""
+    for n in range(min_seeds, max_seeds + 1):
+        if n > min(len(distilled_values), len(student_values)):
+            break
+        d = {i + 1: v for i, v in enumerate(distilled_values[:n]) if v is not None}
+        s = {i + 1: v for i, v in enumerate(student_values[:n]) if v is not None}
+        why = auto_seeds_decision(d, s, n, target_halfwidth, max_seeds, min_seeds)
+        if why:
+            return n, why
+    raise ValueError("the values ran out before the rule stopped")

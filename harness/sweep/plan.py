@@ -18,6 +18,12 @@ GPU, well below its peak). GPU-hours count every trial to its last iteration (AS
 real number smaller) and the teacher's training when no checkpoint is given. Distillation terms'
 own FLOPs are not counted (benchmarks/method_cost.py measures them: most are a few percent of a
 step). Without GPUs (`sweep.gpus_per_trial: 0`) the same FLOPs are shown as CPU work.
+
+A `seeds: auto` rerun stage is planned at its upper bound (max_seeds, capped by the budget's
+`sweep_rerun_seeds`). A compute-matched stage is one student-only rerun per seed of the rerun stage it
+matches and per measure, its iterations estimated here by the FLOPs ratio distilled / student-only per
+iteration (the sweep measures the real ratio, time and energy, on the reruns: method terms, which these
+FLOPs leave out, make it larger).
 """
 from __future__ import annotations
 
@@ -26,16 +32,25 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from harness.config import methods_of
-from harness.sweep.protocol import parse_stage_name
+from harness.sweep.protocol import COMPUTE_MATCHED, RERUN, parse_stage_name
 from harness.sweep.budget import UNEQUAL
-from harness.sweep.runner import first_cut, prepare, stage_runs
+from harness.sweep.runner import auto_seed_range, first_cut, prepare, stage_runs
 
 
 def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Stages x arms with their spaces and trial counts (the runner's own `stage_runs`)."""
     protocol, ids = prepare(cfg)
     stages: List[Dict[str, Any]] = []
+    seeds: Dict[str, int] = {}  # rerun stage -> seeds (upper bound)
     for stage in protocol.stages:
+        if stage.search == COMPUTE_MATCHED:
+            for measure in stage.measures:
+                stages.append({"arm": "student-only", "search": stage.search, "split": stage.split, "inherits": [],
+                               "stage": f"{stage.name}[{measure}]", "space": {}, "trials": seeds.get(stage.matches, 0),
+                               "measure": measure,
+                               "note": f"the tuned student rerun on the {stage.matches} seeds, iterations x the measured "
+                                       f"{measure} cost ratio"})
+            continue
         for arm in stage.arms:
             common = {"arm": arm, "search": stage.search, "split": stage.split, "inherits": stage.inherits}
             if stage.search == "combine":
@@ -49,10 +64,17 @@ def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                "note": "nothing to search for this arm; winners carried over"})
             for unit in runs:
                 trials = len(unit.points) if unit.points else unit.trials
+                note = ""
+                if stage.auto_seeds:
+                    low, trials = auto_seed_range(cfg, stage)
+                    note = (f"seeds: auto: {low} to {trials} seeds, until the paired 95 % interval's half-width <= "
+                            f"{stage.target_halfwidth:g}")
+                if stage.search == RERUN:
+                    seeds[stage.name] = trials
                 stages.append({**common, "stage": unit.name, "space": unit.space, "trials": trials,
                                "early_stopping": stage.early_stopping, "prunes": stage.prunes,
                                "min_completed": protocol.min_completed(trials) if stage.prunes else None,
-                               "grow": stage.grow and arm == "student-only", "note": ""})
+                               "grow": stage.grow and arm == "student-only", "note": note})
     return {"protocol": protocol.name, "arm_ids": ids, "stages": stages,
             "budgets": planned_budgets(cfg, protocol, stages)}
 
@@ -62,7 +84,7 @@ def planned_budgets(cfg: Dict[str, Any], protocol, stages: List[Dict[str, Any]])
     at most; the student-only arm's growing stage raised (in `stages`) to the distilled arm's trials;
     the first cut; and the unequal-budget mark where a protocol leaves the student-only arm short."""
     iterations = cfg["budget"]["iterations"]
-    search = [s for s in stages if s["search"] != "rerun"]
+    search = [s for s in stages if s["search"] not in (RERUN, COMPUTE_MATCHED)]
     total = {arm: sum(s["trials"] for s in search if s["arm"] == arm) for arm in ("student-only", "distilled")}
     grown = next((s for s in search if s.get("grow")), None)
     if grown is not None and total["student-only"] < total["distilled"]:
@@ -121,12 +143,18 @@ def estimate(cfg: Dict[str, Any], the_plan: Dict[str, Any]) -> Dict[str, Any]:
     evaluations = -(-b["iterations"] // b["eval_interval"])
     per_iter = {"student-only": b["batch_size"] * 3 * student,
                 "distilled": b["batch_size"] * (3 * student + teacher)}
+    ratio = per_iter["distilled"] / per_iter["student-only"]  # the FLOPs estimate of the measured cost ratio
     rows, total_flops = [], 0.0
     for s in the_plan["stages"]:
-        split = "val" if s["search"] == "rerun" else s["split"]
+        split = s["split"]
         images = _eval_images(cfg, split)
         evals = evaluations * images * student_eval if images else 0.0
-        flops = s["trials"] * (b["iterations"] * per_iter[s["arm"]] + evals)
+        if s["search"] == COMPUTE_MATCHED:  # the student at the distilled arm's compute per run
+            iterations = max(1, round(b["iterations"] * ratio))
+            s = {**s, "note": s["note"] + f" (~{ratio:.2f}x by FLOPs: ~{iterations} iterations)"}
+            flops = s["trials"] * (iterations * per_iter["student-only"] + evals)
+        else:
+            flops = s["trials"] * (b["iterations"] * per_iter[s["arm"]] + evals)
         rows.append({**s, "flops": flops, "eval_images": images})
         total_flops += flops
     teacher_flops = 0.0
@@ -137,7 +165,7 @@ def estimate(cfg: Dict[str, Any], the_plan: Dict[str, Any]) -> Dict[str, Any]:
     sweep = cfg["sweep"]
     gpus_busy = sweep["max_concurrent_trials"] * sweep["gpus_per_trial"]
     return {"student_forward_flops": student, "teacher_forward_flops": teacher, "eval_size": eval_size,
-            "flops_per_iteration": per_iter, "rows": rows, "teacher_training_flops": teacher_flops,
+            "flops_per_iteration": per_iter, "flops_ratio": ratio, "rows": rows, "teacher_training_flops": teacher_flops,
             "total_flops": total_flops + teacher_flops, "gpu_hours": hours, "tflops": tflops,
             "wall_hours": hours / gpus_busy if gpus_busy else None, "gpus_busy": gpus_busy}
 
@@ -179,10 +207,17 @@ def describe(cfg: Dict[str, Any]) -> str:
         "",
     ]
     width = max([len("stage")] + [len(r["stage"]) for r in e["rows"]])
-    lines.append(f"  {'stage':<{width}} {'arm':<13} {'search':<8} {'trials':>6}  space")
+    sw = max(8, *(len(r["search"]) for r in e["rows"]))
+    lines.append(f"  {'stage':<{width}} {'arm':<13} {'search':<{sw}} {'trials':>6}  space")
     for r in e["rows"]:
-        lines.append(f"  {r['stage']:<{width}} {r['arm']:<13} {r['search']:<8} {r['trials']:>6}  "
+        lines.append(f"  {r['stage']:<{width}} {r['arm']:<13} {r['search']:<{sw}} {r['trials']:>6}  "
                      f"{_space_text(r['space'])}{('  (' + r['note'] + ')') if r['note'] else ''}")
+    matched = [r for r in e["rows"] if r["search"] == COMPUTE_MATCHED]
+    if matched:
+        share = sum(r["flops"] for r in matched) / max(1.0, e["total_flops"])
+        lines.append(f"  compute-matched control: {sum(r['trials'] for r in matched)} student runs "
+                     f"({', '.join(r['measure'] for r in matched)}), {sum(r['flops'] for r in matched) / 1e15:.2f} "
+                     f"PFLOPs ({100 * share:.0f} % of the whole sweep)")
     lines += ["", "  tuning budget per arm (upper bound: every trial to its last iteration):"]
     for arm in ("distilled", "student-only"):
         bud = p["budgets"][arm]

@@ -13,6 +13,16 @@ first pruning decision is at the first evaluation at or after `min_fraction` of 
 the end of every selected method's warm-up. Grid stages run at full fidelity unless they say
 `early_stopping: asha` together with `full_fidelity: false`. `grow: true` marks the student-only
 arm's TPE stage that grows until the arm's tuning budget reaches the distilled arm's (budget.py).
+
+Reruns: `seeds: N` (fixed), or `seeds: auto` with `target_halfwidth: H` (mIoU fraction: 0.01 = +-1
+point), `max_seeds: M` and `min_seeds` (default 3): both arms rerun seeds 1, 2, ... together until the
+paired 95 % interval of the lift has half-width <= H or M seeds ran (a rule on the width, never on p;
+`budget.auto_seeds_decision`).
+
+Compute-matched control (`search: compute_matched`, `measures: [time, energy]`, optional `matches:
+<rerun stage>`, default the last rerun stage before it): the student-only arm's tuned configuration
+rerun on the rerun stage's seeds and split with its iterations scaled by the measured cost ratio
+distilled / student-only of the two arms' reruns (`budget.measured_cost_ratio`, `budget.scaled_budget`).
 """
 from __future__ import annotations
 
@@ -30,7 +40,12 @@ from harness.errors import ConfigError
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 ARMS = ("student-only", "distilled")
 RERUN = "rerun"  # the search kind of the stage whose rows are the evidence (fresh seeds, on val)
-SEARCHES = ("tpe", "grid", "combine", RERUN)
+COMPUTE_MATCHED = "compute_matched"  # the student-only arm rerun at the distilled arm's training compute
+SEARCHES = ("tpe", "grid", "combine", RERUN, COMPUTE_MATCHED)
+MEASURES = ("time", "energy")        # compute_matched: train seconds per iteration, kWh per run
+AUTO = "auto"                        # seeds: auto (adaptive seeds)
+AUTO_KEYS = ("target_halfwidth", "max_seeds", "min_seeds")
+MIN_SEEDS_DEFAULT = 3
 PLACEHOLDERS = {"$temperatures": "temperature", "$weights": "weight"}  # -> the methods' settings of that kind
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "grid_scale")
 # asha: grace_period (evaluations), reduction_factor, min_fraction (of training before the first cut;
@@ -48,10 +63,32 @@ class Stage:
     inherits: List[str] = field(default_factory=list)
     early_stopping: Optional[str] = None  # asha | None
     each: bool = False                   # one sub-stage per expanded path
-    seeds: Optional[int] = None          # reruns
+    seeds: Optional[Any] = None          # reruns: N, or "auto"
     split: str = "tune"
     full_fidelity: Optional[bool] = None  # grid stages: pruned only with early_stopping: asha + full_fidelity: false
     grow: bool = False                   # the student-only arm's growing TPE sequence (budget parity)
+    target_halfwidth: Optional[float] = None  # seeds: auto
+    max_seeds: Optional[int] = None
+    min_seeds: int = MIN_SEEDS_DEFAULT
+    measures: List[str] = field(default_factory=list)  # compute_matched
+    matches: Optional[str] = None                       # compute_matched: the rerun stage it matches
+
+    @property
+    def auto_seeds(self) -> bool:
+        return self.search == RERUN and self.seeds == AUTO
+
+    @property
+    def seeds_rule(self) -> Optional[Dict[str, Any]]:
+        """What the rerun rows of an auto-seeds stage record (`stopped` is added when it stops)."""
+        if not self.auto_seeds:
+            return None
+        return {"rule": AUTO, "target_halfwidth": self.target_halfwidth, "max_seeds": self.max_seeds,
+                "min_seeds": self.min_seeds}
+
+    @property
+    def is_search(self) -> bool:
+        """A stage that chooses hyperparameters (tpe, grid, combine); not reruns nor the compute-matched control."""
+        return self.search not in (RERUN, COMPUTE_MATCHED)
 
     @property
     def prunes(self) -> bool:
@@ -97,6 +134,12 @@ def parse_stage_name(name: str) -> Tuple[str, Optional[str]]:
     return name, None
 
 
+def hashed_stages(raw: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The raw stages that define the arms' rows (arm ids): all but the compute-matched controls, which
+    add rows of their own and change none (so adding one keeps every stored arm)."""
+    return [s for s in raw.get("stages") or [] if not (isinstance(s, dict) and s.get("search") == COMPUTE_MATCHED)]
+
+
 def rerun_stages(protocol: "Protocol") -> List[str]:
     """Names of the protocol's rerun stages (search kind `rerun`), in order."""
     return [s.name for s in protocol.stages if s.search == RERUN]
@@ -131,6 +174,9 @@ def parse_protocol(raw: Dict[str, Any], where: str = "protocol") -> Protocol:
         raise ConfigError(f"{where}: no stages")
     stages: List[Stage] = []
     for i, s in enumerate(stages_raw):
+        if isinstance(s, dict) and s.get("search") == COMPUTE_MATCHED:
+            stages.append(_parse_compute_matched(s, f"{where}, stage {i + 1}", stages))
+            continue
         stages.append(_parse_stage(s, f"{where}, stage {i + 1}", [st.name for st in stages]))
     asha = _parse_asha(raw.get("asha"), f"{where}, asha")
     _check_parity(stages, where)
@@ -174,11 +220,11 @@ def _check_parity(stages: List[Stage], where: str) -> None:
         if g.search != "tpe" or "student-only" not in g.arms or g.each:
             raise ConfigError(f"{where}, stage '{g.name}': grow: true needs a tpe stage of the student-only arm, "
                               f"without each (it continues the arm's TPE sequence until its budget reaches the distilled arm's)")
-        later = [s.name for s in stages[stages.index(g) + 1:] if s.search != RERUN and "student-only" in s.arms]
+        later = [s.name for s in stages[stages.index(g) + 1:] if s.is_search and "student-only" in s.arms]
         if later:
             raise ConfigError(f"{where}, stage '{g.name}': grow: true must be on the student-only arm's last search "
                               f"stage, but {', '.join(later)} come(s) after it")
-    reruns = {s.name for s in stages if s.search == RERUN}
+    reruns = {s.name for s in stages if not s.is_search}
     for s in stages:
         bad = [p for p in s.inherits if p in reruns]
         if bad:
@@ -188,7 +234,7 @@ def _check_parity(stages: List[Stage], where: str) -> None:
 
 def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
     known = {"name", "arms", "search", "space", "trials", "inherits", "early_stopping", "each", "seeds", "split",
-             "full_fidelity", "grow"}
+             "full_fidelity", "grow", *AUTO_KEYS}
     _no_unknown(s, known, where)
     name = s.get("name")
     if not name:
@@ -218,9 +264,10 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
             raise ConfigError(f"{where}: a {stage.search} stage runs whole trials and grows nothing; remove "
                               f"{', '.join(extra)}")
     if stage.search == RERUN:
-        if not isinstance(stage.seeds, int) or stage.seeds < 1:
-            raise ConfigError(f"{where}: seeds must be a positive integer")
-        return stage
+        return _parse_seeds(stage, s, where)
+    given = [k for k in AUTO_KEYS if k in s]
+    if given:
+        raise ConfigError(f"{where}: {', '.join(given)} only go with seeds: auto on a rerun stage")
     if stage.search not in SEARCHES:
         raise ConfigError(f"{where}: search must be one of {', '.join(SEARCHES)} (or give seeds: N for "
                           f"reruns), got '{stage.search}'")
@@ -247,6 +294,69 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
     if stage.search == "tpe" and (not isinstance(stage.trials, int) or stage.trials < 1):
         raise ConfigError(f"{where}: a tpe stage needs trials: N (N >= 1)")
     return stage
+
+
+def _parse_seeds(stage: Stage, s: Dict[str, Any], where: str) -> Stage:
+    """`seeds: N`, or `seeds: auto` with target_halfwidth, max_seeds and min_seeds (default 3)."""
+    given = [k for k in AUTO_KEYS if k in s]
+    if stage.seeds != AUTO:
+        if not _is_int(stage.seeds) or stage.seeds < 1:
+            raise ConfigError(f"{where}: seeds must be a positive integer or auto, got {stage.seeds!r}")
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} only go with seeds: auto (this stage has seeds: {stage.seeds})")
+        return stage
+    h, m, lo = s.get("target_halfwidth"), s.get("max_seeds"), s.get("min_seeds", MIN_SEEDS_DEFAULT)
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < 1:
+        raise ConfigError(f"{where}: seeds: auto needs target_halfwidth: H, the half-width of the paired 95 % interval "
+                          f"of the lift to reach, as a mIoU fraction in (0, 1) (0.01 = +-1 point), got {h!r}")
+    if not _is_int(lo) or lo < 2:
+        raise ConfigError(f"{where}: min_seeds must be a whole number >= 2 (a paired interval needs two seeds), got {lo!r}")
+    if not _is_int(m) or m < lo:
+        raise ConfigError(f"{where}: seeds: auto needs max_seeds: M, a whole number >= min_seeds ({lo}), got {m!r}")
+    if set(stage.arms) != set(ARMS):
+        raise ConfigError(f"{where}: seeds: auto reruns both arms on the same seeds (the stopping rule is on the "
+                          f"paired interval); give arms: [student-only, distilled]")
+    stage.target_halfwidth, stage.max_seeds, stage.min_seeds = float(h), m, lo
+    return stage
+
+
+def _parse_compute_matched(s: Dict[str, Any], where: str, earlier: List[Stage]) -> Stage:
+    """`search: compute_matched`: the student-only arm's tuned configuration rerun on the seeds of a rerun
+    stage with its iterations scaled to the distilled arm's measured training cost, per measure."""
+    known = {"name", "search", "arms", "measures", "matches"}
+    name = s.get("name")
+    if not name:
+        raise ConfigError(f"{where}: every stage needs a name")
+    where = f"{where.rsplit(',', 1)[0]}, stage '{name}'"
+    for key in s:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' for a compute_matched stage (it reruns the student-only "
+                              f"arm's tuned configuration on the seeds and split of a rerun stage). Valid keys: "
+                              f"{', '.join(sorted(known))}")
+    if name in [st.name for st in earlier]:
+        raise ConfigError(f"{where}: two stages are named '{name}'")
+    arms = list(s.get("arms") or ["student-only"])
+    if arms != ["student-only"]:
+        raise ConfigError(f"{where}: a compute_matched stage reruns the student-only arm only (arms: [student-only] "
+                          f"or leave arms out), got {arms}")
+    measures = s.get("measures")
+    if (not isinstance(measures, list) or not measures or len(set(measures)) != len(measures)
+            or any(m not in MEASURES for m in measures)):
+        raise ConfigError(f"{where}: measures must be a non-empty list of distinct cost measures among "
+                          f"{list(MEASURES)} (time: train seconds per iteration; energy: kWh per run), got {measures!r}")
+    reruns = [st for st in earlier if st.search == RERUN]
+    matches = s.get("matches", reruns[-1].name if reruns else None)
+    target = next((st for st in reruns if st.name == matches), None)
+    if target is None:
+        raise ConfigError(f"{where}: a compute_matched stage comes after the rerun stage whose seeds and measured costs "
+                          f"it matches" + (f"; '{matches}' is not an earlier rerun stage (earlier: "
+                                           f"{', '.join(st.name for st in reruns) or 'none'})" if matches else
+                                           "; there is no earlier rerun stage"))
+    if set(target.arms) != set(ARMS):
+        raise ConfigError(f"{where}: the rerun stage '{target.name}' must rerun both arms (the cost ratio is measured "
+                          f"on both arms' reruns)")
+    return Stage(name=name, arms=arms, search=COMPUTE_MATCHED, space={}, split=target.split,
+                 measures=list(measures), matches=target.name)
 
 
 def _check_distribution(path: str, dist: Any, search: str, where: str) -> None:

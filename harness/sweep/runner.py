@@ -7,6 +7,9 @@
         winner = the best completed trial on the tune split (failed/pruned trials never win)
     student-only `grow` stage: its TPE sequence continues until the arm's tuning budget (trials and
         iterations) reaches the distilled arm's; the comparison uses its first N trials (budget.py)
+    reruns `seeds: auto`: both arms add seed pairs until the paired interval is narrow enough
+        (`run_auto_reruns`); `compute_matched`: the student-only winner rerun on the reruns' seeds with
+        its iterations scaled by the measured cost ratio (`run_compute_matched`)
 
 The database is the source of truth: a sweep killed in the middle of a stage and started again
 sees its finished trials there (they are not re-run; the TPE sampler is told their results), and
@@ -27,10 +30,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.config import methods_of, stable_hash
 from harness.errors import ConfigError
 from harness.store import ResultsStore
-from harness.sweep.budget import (Budget, arm_budget, at_least, growth_step, rank_agreement, sequence_order,
+from harness.sweep.budget import (Budget, arm_budget, at_least, auto_seeds_decision, growth_step,
+                                  measured_cost_ratio, rank_agreement, run_cost, scaled_budget, sequence_order,
                                   unequal)
-from harness.sweep.protocol import (RERUN, Protocol, Stage, check_paths, expand_space, load_protocol,
-                                    parse_stage_name, sub_stage_name)
+from harness.sweep.protocol import (COMPUTE_MATCHED, RERUN, Protocol, Stage, check_paths, expand_space,
+                                    hashed_stages, load_protocol, parse_stage_name, sub_stage_name)
 from harness.sweep.trial import SEARCH_KEY, TrialSpec, trainable
 
 FINISHED = ("completed", "pruned", "failed")
@@ -63,11 +67,12 @@ class StageRun:
     points: List[Dict[str, Any]]    # grid / combine / rerun candidates
     trials: int                     # tpe: trials to run (points: one per point)
     extra: Dict[str, Any] = field(default_factory=dict)  # what its rows keep besides the stage (extra_json)
+    match: Dict[str, Any] = field(default_factory=dict)  # extra_json values its rows must have (compute_matched)
 
     def spec(self, sweep: "Sweep") -> TrialSpec:
         s = sweep.cfg["sweep"]
         extra = dict(self.extra)
-        if self.stage.search != RERUN:
+        if self.stage.is_search:
             cut = sweep.cuts.get(self.arm)
             extra["first_cut"] = {**cut, "pruning": self.stage.prunes} if cut else None
         return TrialSpec(base=self.base, fixed=self.fixed, arm_id=self.arm_id, stage=self.name,
@@ -94,6 +99,8 @@ class Sweep:
     command: str = ""
     cuts: Dict[str, Optional[Dict[str, int]]] = field(default_factory=dict)  # arm -> first cut (first_cut)
     tuning: Dict[str, Dict[str, List[Dict[str, Any]]]] = field(default_factory=dict)  # arm -> unit -> counted rows
+    seeds: Dict[str, List[int]] = field(default_factory=dict)  # rerun stage -> the seeds both arms reran
+    matched: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # measure -> compute-matched result
 
     def budget(self, arm: str) -> Budget:
         """The arm's tuning budget so far: the rows its winners were chosen from."""
@@ -114,7 +121,8 @@ def arm_ids(cfg: Dict[str, Any], protocol: Protocol) -> Dict[str, str]:
     so every comparison on the same key grows one sequence."""
     common = {k: cfg[k] for k in ("dataset", "student", "budget", "optim", "seed", "train_split")}
     student = stable_hash({**common, "protocol": student_protocol(protocol)})
-    common["protocol"] = protocol.raw
+    stages = hashed_stages(protocol.raw)  # not the compute-matched controls: they add rows, change none
+    common["protocol"] = protocol.raw if stages == protocol.raw.get("stages") else {**protocol.raw, "stages": stages}
     distilled = stable_hash({**common, "teacher": cfg["teacher"], "method": cfg["method"]})
     return {"student-only": f"student-only:{student}",
             "distilled": f"distilled:{'+'.join(methods_of(cfg))}:{distilled}"}
@@ -125,7 +133,7 @@ def student_protocol(protocol: Protocol) -> Dict[str, Any]:
     raw = protocol.raw
     return {"metric": raw.get("metric", "miou"), "sampler_seed": raw.get("sampler_seed", 0),
             "tpe_startup_trials": raw.get("tpe_startup_trials", 3), "asha": protocol.asha,
-            "stages": [s for s in raw.get("stages") or [] if "student-only" in (s.get("arms") or [])]}
+            "stages": [s for s in hashed_stages(raw) if "student-only" in (s.get("arms") or [])]}
 
 
 def warmup_end(cfg: Dict[str, Any]) -> int:
@@ -200,7 +208,7 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
     sweep = Sweep(cfg, protocol, ids, store, command, cuts={arm: first_cut(cfg, protocol, arm) for arm in ids})
     winners: Dict[Tuple[str, str], Winner] = {}
     started = time.time()
-    searches = [s for s in protocol.stages if s.search != RERUN]
+    searches = [s for s in protocol.stages if s.is_search]
     with ray_session(cfg["sweep"]["ray"]["address"], cfg["sweep"]["ray"]["num_cpus"], cfg["paths"]["results"]):
         # the distilled arm first: the student-only arm grows to its budget (protocol.grow_stage)
         for arm in ("distilled", "student-only"):
@@ -209,9 +217,13 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
                     winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners)
         comparison = compare(sweep, winners)
         for stage in protocol.stages:
-            if stage.search == RERUN:
+            if stage.auto_seeds:
+                winners.update(run_auto_reruns(sweep, stage, winners, comparison["extra"]))
+            elif stage.search == RERUN:
                 for arm in stage.arms:
                     winners[(arm, stage.name)] = run_stage(sweep, stage, arm, winners, comparison["extra"][arm])
+            elif stage.search == COMPUTE_MATCHED:
+                sweep.matched.update(run_compute_matched(sweep, stage, winners, comparison["extra"]["student-only"]))
     return final_summary(sweep, winners, time.time() - started, comparison)
 
 
@@ -229,7 +241,7 @@ def compare(sweep: Sweep, winners: Dict[Tuple[str, str], Winner]) -> Dict[str, A
     grow = sweep.protocol.grow_stage
     student_rows = sweep.tuning.get("student-only", {})
     n = len(student_rows.get(grow.name, [])) if grow is not None else sum(len(r) for r in student_rows.values())
-    last = [s.name for s in sweep.protocol.stages if s.search != RERUN and "student-only" in s.arms]
+    last = [s.name for s in sweep.protocol.stages if s.is_search and "student-only" in s.arms]
     student_winner = winners.get(("student-only", last[-1])) if last else None
     agreement = {arm: {unit: rank_agreement(rows, (sweep.cuts.get(arm) or {}).get("iteration"))
                        for unit, rows in units.items()}
@@ -245,13 +257,19 @@ def compare(sweep: Sweep, winners: Dict[Tuple[str, str], Winner]) -> Dict[str, A
                       "student-only": {**common, "winner_run_id": winner_id, "tuned_trials": n}}}
 
 
-def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner],
-              extra: Optional[Dict[str, Any]] = None) -> Winner:
+def inherited(stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner]):
+    """(fixed params, lineage, parent winners) a stage of an arm starts from."""
     fixed, lineage = {}, {}
     parents = [winners[(arm, p)] for p in stage.inherits if (arm, p) in winners]  # others: not this arm's
     for parent in parents:
         fixed.update(parent.params)
         lineage.update(parent.lineage)
+    return fixed, lineage, parents
+
+
+def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str], Winner],
+              extra: Optional[Dict[str, Any]] = None) -> Winner:
+    fixed, lineage, parents = inherited(stage, arm, winners)
     started = time.time()
     if stage.search == "combine":
         singles = [p.best_single for p in parents if p.best_single is not None]
@@ -264,6 +282,8 @@ def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str
             return Winner(fixed, None, lineage)
         for r in runs:
             r.extra = dict(extra or {})
+            if stage.search == RERUN:
+                sweep.seeds[stage.name] = [p["seed"] for p in r.points]
         if stage.grow and arm == "student-only":
             results = [grow_unit(sweep, r) for r in runs]
         else:
@@ -273,12 +293,124 @@ def run_stage(sweep: Sweep, stage: Stage, arm: str, winners: Dict[Tuple[str, str
     return result
 
 
+def run_auto_reruns(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str], Winner],
+                    extras: Dict[str, Dict[str, Any]]) -> Dict[Tuple[str, str], Winner]:
+    """`seeds: auto`: both arms rerun seeds 1..min_seeds, then one more seed pair at a time until the
+    paired interval of the lift is narrow enough or max_seeds ran (`budget.auto_seeds_decision`: the
+    width only, never p). The decision after n seeds reads only seeds 1..n, so a resumed sweep (or a
+    student arm that another comparison already gave more seeds) stops where this one did. Every rerun
+    row of both arms records `extra_json.seeds_rule` with why it stopped."""
+    low, top = auto_seed_range(sweep.cfg, stage)
+    started = time.time()
+    units: Dict[str, StageRun] = {}
+    for arm in ("distilled", "student-only"):
+        fixed, lineage, _ = inherited(stage, arm, winners)
+        unit = stage_runs(sweep.cfg, stage, arm, sweep.ids[arm], fixed, lineage)[0]
+        unit.extra = {**extras[arm], "seeds_rule": stage.seeds_rule}
+        units[arm] = unit
+    n, rows = low, {}
+    while True:
+        values = {}
+        for arm, unit in units.items():
+            unit.points = seed_points(sweep.cfg, n)
+            rows[arm] = unit_rows(sweep, unit, quiet=n != low)
+            values[arm] = {int(r["seed"]): r["final_miou"] for r in rows[arm]
+                           if r["status"] == "completed" and r["final_miou"] is not None}
+        why = auto_seeds_decision(values["distilled"], values["student-only"], n, stage.target_halfwidth, top, low)
+        if why:
+            break
+        say(f"[{stage.name}] seeds: auto: {n} seeds, paired half-width above {stage.target_halfwidth:g}: one more seed pair")
+        n += 1
+    if top < stage.max_seeds and why.startswith("max_seeds"):
+        why += f" (budget {sweep.cfg['budget']['name']} caps reruns at {top} seeds: budget.sweep_rerun_seeds)"
+    say(f"[{stage.name}] seeds: auto stopped: {why}")
+    rule = {**stage.seeds_rule, "stopped": why, "seeds": n, "comparison": sweep.ids["distilled"]}
+    for arm_rows in rows.values():
+        for r in arm_rows:
+            if (r.get("extra_json") or {}).get("seeds_rule") != rule:
+                sweep.store.update(r["run_id"], extra_json={**(r.get("extra_json") or {}), "seeds_rule": rule})
+    sweep.seeds[stage.name] = [p["seed"] for p in seed_points(sweep.cfg, n)]
+    out = {}
+    for arm, unit in units.items():
+        out[(arm, stage.name)] = winner = pick_winner(rows[arm], unit)
+        stage_summary(sweep, stage, arm, winner, time.time() - started)
+    return out
+
+
+def rerun_rows(sweep: Sweep, stage: str, arm: str, winner: Optional[Winner],
+               seeds: Optional[List[int]] = None) -> List[Dict[str, Any]]:
+    """The completed rerun rows of an arm's winner in a rerun stage (on the given seeds, when given)."""
+    return [r for r in sweep.store.query(sweep_id=sweep.ids[arm], stage=stage)
+            if r["status"] == "completed" and r["final_miou"] is not None
+            and (winner is None or _same(winner.params, r["params_json"]))
+            and (seeds is None or r["seed"] in seeds)]
+
+
+def run_compute_matched(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str], Winner],
+                        extra: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The compute-matched control: per measure, the student-only arm's tuned configuration (the winner
+    whose reruns the comparison uses) rerun on the same seeds and split as the rerun stage it matches,
+    with `budget.iterations` scaled by the cost ratio distilled / student-only measured on the two arms'
+    completed reruns of this comparison (`budget.measured_cost_ratio`), the evaluation interval scaled
+    alike (`budget.scaled_budget`). Rows: arm student-only, stage = this stage, extra_json {stage_kind:
+    compute_matched, matched_to: the distilled arm id, measure, cost_ratio, iterations, eval_interval,
+    device, ...}. Resumable: a row stored for (matched_to, measure, seed) is kept, and a measure that
+    has rows keeps their ratio and iterations (the seeds added later run the same length)."""
+    rerun = stage.matches
+    student, distilled = winners.get(("student-only", rerun)), winners.get(("distilled", rerun))
+    seeds = sweep.seeds.get(rerun) or []
+    d_rows = rerun_rows(sweep, rerun, "distilled", distilled, seeds)
+    s_rows = rerun_rows(sweep, rerun, "student-only", student, seeds)
+    devices = sorted({str((r.get("extra_json") or {}).get("device")) for r in d_rows + s_rows
+                      if (r.get("extra_json") or {}).get("device")})
+    b = sweep.cfg["budget"]
+    out: Dict[str, Dict[str, Any]] = {}
+    for measure in stage.measures:
+        started = time.time()
+        match = {"matched_to": sweep.ids["distilled"], "measure": measure}
+        kept = sequence_order(r for r in sweep.store.query(sweep_id=sweep.ids["student-only"], stage=stage.name)
+                              if _matches(r, match) and student is not None and _same(student.params, r["params_json"])
+                              and (r.get("extra_json") or {}).get("cost_ratio") is not None)
+        if kept:
+            e = kept[0]["extra_json"]
+            ratio, iterations, every = e["cost_ratio"], e["iterations"], e.get("eval_interval") or b["eval_interval"]
+            say(f"[{stage.name}] {measure}: cost ratio {ratio:.3f}x and {iterations} iterations kept from the "
+                f"{len(kept)} row(s) already stored for {sweep.ids['distilled']}")
+        else:
+            ratio, why = measured_cost_ratio(d_rows, s_rows, measure)
+            if ratio is None or student is None or not seeds:
+                say(f"[{stage.name}] {measure}: skipped: " + (why or f"no reruns of both arms in stage {rerun}"))
+                continue
+            iterations, every = scaled_budget(b["iterations"], b["eval_interval"], ratio)
+        base = arm_config(sweep.cfg, "student-only")
+        base = {**base, "budget": {**base["budget"], "iterations": iterations, "eval_interval": every}}
+        unit = StageRun(arm="student-only", arm_id=sweep.ids["student-only"], stage=stage, name=stage.name, base=base,
+                        fixed=dict(student.params), lineage=dict(student.lineage), space={},
+                        points=[{"seed": s} for s in seeds], trials=0, match=match)
+        unit.extra = {**extra, **match, "cost_ratio": ratio, "iterations": iterations, "eval_interval": every,
+                      "base_iterations": b["iterations"], "base_eval_interval": b["eval_interval"],
+                      "device": ", ".join(devices) or None, "matched_stage": rerun,
+                      "cost": {"distilled": run_cost(d_rows, measure), "student-only": run_cost(s_rows, measure),
+                               "runs": {"distilled": len(d_rows), "student-only": len(s_rows)}}}
+        rows = unit_rows(sweep, unit)
+        done = [r for r in rows if r["status"] == "completed" and r["final_miou"] is not None]
+        out[measure] = {"ratio": ratio, "iterations": iterations, "eval_interval": every, "device": unit.extra["device"],
+                        "by_seed": {int(r["seed"]): r["final_miou"] for r in done}}
+        mean = statistics.mean(r["final_miou"] for r in done) if done else None
+        say(f"== stage {stage.name} (student-only, {measure}): cost ratio {ratio:.3f}x -> {iterations} iterations "
+            f"(evaluation every {every}); {len(done)}/{len(seeds)} seeds done; {stage.split} mIoU "
+            f"{'n/a' if mean is None else f'{100 * mean:.2f}'}; {time.time() - started:.0f} s")
+    return out
+
+
 def stage_runs(cfg: Dict[str, Any], stage: Stage, arm: str, arm_id: str, fixed: Optional[Dict[str, Any]] = None,
                lineage: Optional[Dict[str, str]] = None) -> List[StageRun]:
     """The experiments of a search or rerun stage for one arm: one, or one per path of an `each`
     stage; none when the arm has nothing to search there. (`combine` stages: `combine_stage`.)"""
     base = arm_config(cfg, arm)
     space = expand_space(stage.space, base)
+    if not stage.is_search and stage.search != RERUN:
+        return []   # compute_matched: run_compute_matched builds its own units
     if stage.search != RERUN and not space:
         return []
     groups = [{p: d} for p, d in space.items()] if stage.each else [space]
@@ -296,14 +428,27 @@ def trial_points(cfg: Dict[str, Any], stage: Stage, space: Dict[str, Dict[str, A
     capped by the budget's `sweep_rerun_seeds` / `sweep_max_trials` (smoke sweeps)."""
     cap = cfg["budget"]["sweep_max_trials"]
     if stage.search == RERUN:
-        seeds = min(stage.seeds, cfg["budget"]["sweep_rerun_seeds"] or stage.seeds)
-        return [{"seed": cfg["seed"] + 1 + i} for i in range(seeds)], 0  # fresh seeds: not the search seed
+        seeds = auto_seed_range(cfg, stage)[0] if stage.auto_seeds else stage.seeds
+        seeds = min(seeds, cfg["budget"]["sweep_rerun_seeds"] or seeds)
+        return seed_points(cfg, seeds), 0
     if stage.search == "grid":
         points: List[Dict[str, Any]] = [{}]
         for path, dist in space.items():
             points = [{**p, path: v} for p in points for v in dist["grid"]]
         return (points[:cap] if cap else points), 0
     return [], (min(stage.trials, cap) if cap else stage.trials)
+
+
+def seed_points(cfg: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
+    """The first n rerun seeds: seed + 1, seed + 2, ... (fresh seeds: not the search seed)."""
+    return [{"seed": cfg["seed"] + 1 + i} for i in range(n)]
+
+
+def auto_seed_range(cfg: Dict[str, Any], stage: Stage) -> Tuple[int, int]:
+    """(min_seeds, max_seeds) of a `seeds: auto` stage, both capped by `budget.sweep_rerun_seeds`."""
+    cap = cfg["budget"]["sweep_rerun_seeds"]
+    top = min(stage.max_seeds, cap) if cap else stage.max_seeds
+    return min(stage.min_seeds, top), top
 
 
 def run_unit(sweep: Sweep, unit: StageRun) -> Winner:
@@ -322,7 +467,7 @@ def unit_rows(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[st
     name = stable_hash([unit.arm_id, unit.name], 16)
     with FileLock(str(locks / f"{name}.lock")):
         rows = within_budget(_run_unit(sweep, unit, quiet), unit)
-    if unit.stage.search != RERUN:
+    if unit.stage.is_search:
         sweep.tuning.setdefault(unit.arm, {})[unit.name] = rows
     return rows
 
@@ -367,8 +512,18 @@ def within_budget(rows: List[Dict[str, Any]], unit: StageRun) -> List[Dict[str, 
     return kept
 
 
+def _matches(row: Dict[str, Any], match: Dict[str, Any]) -> bool:
+    extra = row.get("extra_json") or {}
+    return all(extra.get(k) == v for k, v in match.items())
+
+
+def _stored(sweep: Sweep, unit: StageRun) -> List[Dict[str, Any]]:
+    return [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name)
+            if r["status"] in FINISHED and _matches(r, unit.match)]
+
+
 def _run_unit(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[str, Any]]:
-    done = [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
+    done = _stored(sweep, unit)
     if unit.points:
         todo = [p for p in unit.points if not any(_same(unit.full(p), r["params_json"]) for r in done)]
         total = len(unit.points)
@@ -384,7 +539,7 @@ def _run_unit(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[st
             f"({unit.arm_id}){more}, {verb}; {remaining} to run")
     if remaining:
         launch(sweep, unit, todo, remaining, sequence_order(done))
-    return [r for r in sweep.store.query(sweep_id=unit.arm_id, stage=unit.name) if r["status"] in FINISHED]
+    return _stored(sweep, unit)
 
 
 def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
@@ -392,7 +547,7 @@ def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     cfg, protocol = sweep.cfg, sweep.protocol
-    resources_cfg, budget = cfg["sweep"], cfg["budget"]
+    resources_cfg, budget = cfg["sweep"], unit.base["budget"]  # a compute-matched unit's own (scaled) budget
     evaluations = math.ceil(budget["iterations"] / budget["eval_interval"])
     spec = unit.spec(sweep)
     if unit.points:
@@ -569,7 +724,7 @@ def domain(dist: Dict[str, Any]):
 
 def pick_winner(rows: List[Dict[str, Any]], unit: StageRun) -> Winner:
     completed = [r for r in rows if r["status"] == "completed" and r["final_miou"] is not None]
-    if unit.stage.search == RERUN:
+    if not unit.stage.is_search:
         return Winner(unit.fixed, statistics.mean(r["final_miou"] for r in completed) if completed else None,
                       unit.lineage)
     if not completed:
@@ -719,10 +874,10 @@ def final_summary(sweep: Sweep, winners: Dict[Tuple[str, str], Winner], wall: fl
     arms = {}
     for arm, arm_id in sweep.ids.items():
         final = winners.get((arm, rerun_stage))
-        rows = [r for r in sweep.store.query(sweep_id=arm_id, stage=rerun_stage) if r["status"] == "completed"
-                and (final is None or _same(final.params, r["params_json"]))]
+        rows = rerun_rows(sweep, rerun_stage, arm, final, sweep.seeds.get(rerun_stage)) if rerun_stage else []
         values = [r["final_miou"] for r in rows]
         arms[arm] = {"arm_id": arm_id, "val_miou": values, "params": final.params if final else None,
+                     "by_seed": {int(r["seed"]): r["final_miou"] for r in rows},
                      "lineage": final.lineage if final else None,
                      "mean": statistics.mean(values) if values else None,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -746,8 +901,34 @@ def final_summary(sweep: Sweep, winners: Dict[Tuple[str, str], Winner], wall: fl
     say(f"  lift of the distilled arm over the tuned student-only arm: "
         f"{'n/a' if lift is None else f'{100 * lift:+.2f} mIoU points'}"
         + (" (unequal tuning budget)" if comparison["unequal"] else ""))
+    lifts = lift_lines(arms, sweep.matched)
     return {"arms": arms, "lift": lift, "wall_time_s": wall, "unequal_tuning_budget": comparison["unequal"],
-            "student_arm": comparison["student_arm"], "rank_agreement": comparison["rank_agreement"]}
+            "student_arm": comparison["student_arm"], "rank_agreement": comparison["rank_agreement"],
+            "lifts": lifts}
+
+
+def lift_lines(arms: Dict[str, Dict[str, Any]], matched: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The paired lift at equal iterations (distilled vs the tuned student's reruns) and at equal compute
+    (distilled vs the compute-matched student reruns, per measure, with the cost ratio), printed and
+    returned as {"iterations": Verdict, "time": Verdict, "energy": Verdict}."""
+    from harness import stats
+
+    if not arms["distilled"]["by_seed"] or not (arms["student-only"]["by_seed"] or matched):
+        return {}
+
+    def text(v) -> str:
+        if v.lift is None:
+            return "n/a (" + "; ".join(v.notes) + ")"
+        ci = f" [{100 * v.low:+.2f}, {100 * v.high:+.2f}]" if v.low is not None else ""
+        return f"{100 * v.lift:+.2f}{ci} mIoU points ({v.test or 'no test'}, {v.n_pairs or min(v.n_a, v.n_b)} seeds)"
+
+    out = {"iterations": stats.compare_seeds(arms["distilled"]["by_seed"], arms["student-only"]["by_seed"])}
+    say(f"  lift at equal iterations: {text(out['iterations'])}")
+    for measure, m in matched.items():
+        out[measure] = v = stats.compare_seeds(arms["distilled"]["by_seed"], m["by_seed"])
+        say(f"  lift at equal compute ({measure}: cost ratio {m['ratio']:.2f}x measured on {m['device'] or 'n/a'}, "
+            f"student trained {m['iterations']} iterations): {text(v)}")
+    return out
 
 
 def say(text: str) -> None:
