@@ -226,12 +226,14 @@ def auto_seeds_decision(distilled_by_seed: Dict[int, float], student_by_seed: Di
     """After `seeds` seeds of both arms: why the reruns stop (a text), or None to add a seed. The rule
     is on the width only, never on p: stop when the paired 95 % t interval of the lift
     (`harness.stats.compare_seeds(distilled, student).halfwidth`) is <= `target_halfwidth`, or when
-    `max_seeds` seeds ran; never before `min_seeds`."""
+    `max_seeds` seeds ran; never before `min_seeds` seeds, nor before `min_seeds` completed seed pairs
+    (a failed run leaves its seed out of the pairs)."""
     from harness import stats
 
-    width = stats.compare_seeds(distilled_by_seed, student_by_seed).halfwidth
+    verdict = stats.compare_seeds(distilled_by_seed, student_by_seed)
+    width = verdict.halfwidth if verdict.design == stats.PAIRED else None
     shown = "n/a" if width is None else f"{width:.4f}"
-    if seeds >= min_seeds and width is not None and width <= target_halfwidth:
+    if seeds >= min_seeds and verdict.n_pairs >= min_seeds and width is not None and width <= target_halfwidth:
         return f"halfwidth {shown} <= {target_halfwidth:g} after {seeds} seeds"
     if seeds >= max_seeds:
         return f"max_seeds {max_seeds} reached (halfwidth {shown})"
