@@ -153,7 +153,15 @@ def fused_by_hand(fusion, feats, stages, size):
     for conv, s in zip(fusion.convs, stages):
         y = F.conv2d(feats[s].detach(), conv.weight.detach(), conv.bias.detach(), padding=1)
         parts.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
-    return torch.cat(parts, 1)
+    x = torch.cat(parts, 1)
+    if fusion.norm is None:
+        return x
+    # BatchNorm in training mode: batch statistics over (N, h, w) per channel, biased variance
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    bn = fusion.norm
+    return ((x - mean) / torch.sqrt(var + bn.eps) * bn.weight.detach()[None, :, None, None]
+            + bn.bias.detach()[None, :, None, None])
 
 
 # ----------------------------------------------------------------------------- boundary pieces
@@ -328,8 +336,10 @@ def test_split_channels():
     assert split_channels(256, 4) == [64] * 4 and split_channels(10, 4) == [3, 3, 2, 2]
 
 
-def test_method_terms_equal_the_reference_at_a_progress_point():
-    m = method(tau=1.5, boundary_supervision="both", relation_pool=1, channels=7)
+@pytest.mark.parametrize("fusion_norm", ["batch", "none"])
+def test_method_terms_equal_the_reference_at_a_progress_point(fusion_norm):
+    m = method(tau=1.5, boundary_supervision="both", relation_pool=1, channels=7, fusion_norm=fusion_norm)
+    assert (m.student_fusion.norm is None) == (fusion_norm == "none")
     s, t = outputs()
     mask = odd_mask()
     progress = Progress(30, 120)
@@ -382,6 +392,42 @@ def test_gradients_student_side_from_distillation_teacher_side_only_from_bce():
     for p in list(m.teacher_fusion.parameters()) + list(m.teacher_boundary.parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(t.features[name].grad is None for name in t.features)
+
+
+def teacher_head_bce_trajectory(fusion_norm, steps=8, lr=0.01):
+    """`teacher_boundary_bce` over SGD steps (momentum 0.9, the protocol's optimiser) of the
+    teacher-side fusion and head alone, on teacher stages whose scale grows with depth as a
+    briefly trained teacher's do (mean |x| ~ 2, 6, 21, 69 measured on the smoke teacher)."""
+    m = method(channels=16, fusion_norm=fusion_norm)
+    params = list(m.teacher_fusion.parameters()) + list(m.teacher_boundary.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    mask = odd_mask(n=4)
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(steps):
+        s, t = outputs(n=4, grad=False)
+        for name, scale in zip(("stage1", "stage2", "stage3", "stage4"), (2.0, 6.0, 21.0, 69.0)):
+            t.features[name] = (torch.randn(t.features[name].shape, generator=g, dtype=torch.float64)
+                                .abs() * scale * 1.25)
+        bce = m.terms(s, t, Batch(None, mask), Progress(0, 100))["teacher_boundary_bce"]
+        out.append(float(bce))
+        if not math.isfinite(out[-1]):
+            break
+        opt.zero_grad()
+        bce.backward()
+        opt.step()
+    return out
+
+
+def test_fusion_batchnorm_keeps_the_teacher_head_stable_where_the_bare_conv_diverges():
+    """The cause of `harness train +method=brd budget=smoke` diverging (loss NaN at iteration 6):
+    unnormalised teacher stages make the bare fused map large (rms 37 there), the head's BCE
+    gradient scales with it and one SGD step at lr 0.01 throws the logits to 1e4. BatchNorm on X^c
+    keeps the BCE near log 2."""
+    bare = teacher_head_bce_trajectory("none")
+    normed = teacher_head_bce_trajectory("batch")
+    assert max(bare) > 100 or not all(math.isfinite(v) for v in bare), bare
+    assert all(math.isfinite(v) and v < 2.0 for v in normed), normed
 
 
 def test_switched_off_terms_are_not_computed_and_modules_not_built():

@@ -4,7 +4,7 @@ Zhang, Dong, Hu, Chen, Cheng, "Boundary and Relation Distillation for Semantic S
 (paper 002, Eqs. 2-8); spec section 11. There is no public code: everything the paper leaves open is
 decided below under "Our interpretation" (spec 11.2 proposes most of it).
 
-    X^c   = concat_i resize_{1/8}(Conv3x3_i(X_i)),  X in {T, S}, i over the backbone stages, d channels
+    X^c   = BN(concat_i resize_{1/8}(Conv3x3_i(X_i))),  X in {T, S}, i over the backbone stages, d channels
     b^X   = sigmoid(Conv1x1(X^c))                   in [0, 1]^{h x w}   (boundary map, "T^B", "S^B")
     L_BD  = tau^2 / N * sum_n KL( softmax_hw(b^T_n / tau) || softmax_hw(b^S_n / tau) )
     G^X_n = X^c_n X^c_n^T / sqrt(d)                 in R^{hw x hw}     (pixel self-relation)
@@ -25,13 +25,30 @@ A term whose weight is 0 is not computed (and its modules are not built where no
 
 Our interpretation (the paper is silent or not differentiable as written):
 1. Stages and fusion: all four backbone stages (`stages`). "Concatenated to 256 channels after a 3x3
-   conv" is read as one 3x3 conv per stage (with bias, no norm/activation, as written) to its share of
-   the d = `channels` output channels (d / #stages, the remainder to the first stages), applied at the
-   stage's own resolution, then bilinear resizing (align_corners=False) to the 1/8 grid
-   ceil(H/8) x ceil(W/8) of the input, then concatenation. One-conv-per-stage is 4x cheaper than a
-   3x3 conv on the concatenation (3840 -> 256 channels for a ResNet-101 teacher) and matches "after a
-   3x3 conv for T_i and S_i". Teacher and student each have their own convs (channels differ), so
-   teacher and student may differ in channels and spatial size.
+   conv" is read as one 3x3 conv per stage (with bias) to its share of the d = `channels` output
+   channels (d / #stages, the remainder to the first stages), applied at the stage's own resolution,
+   then bilinear resizing (align_corners=False) to the 1/8 grid ceil(H/8) x ceil(W/8) of the input,
+   then concatenation, then (`fusion_norm: batch`, the default) a BatchNorm2d(d) over the fused map
+   (batch statistics in training, weight 1 / bias 0 at init, no activation). One-conv-per-stage is 4x
+   cheaper than a 3x3 conv on the concatenation (3840 -> 256 channels for a ResNet-101 teacher) and
+   matches "after a 3x3 conv for T_i and S_i". Teacher and student each have their own convs (channels
+   differ), so teacher and student may differ in channels and spatial size.
+   Why the norm (measured, `harness train +method=brd budget=smoke`, lr 0.01): the paper writes a bare
+   conv, and BRD has no public code (the paper says "implemented on MMRazor"; MMRazor has no BRD
+   loss, and no authors' repository was found), so the norm cannot be matched to the authors' code;
+   it is what an MMSeg/MMRazor "3x3 conv" block (ConvModule with the model's norm_cfg) carries, and
+   what the row softmax of G = X X^T / sqrt(d) presumes (unit-scale channels, as in attention).
+   Without it the run diverged: the teacher's stages are unnormalised (mean |x| 2 / 6 / 21 / 69 for
+   stages 1-4 of the smoke teacher), so the bare fused map T^c had rms 37 and the teacher-side
+   boundary logits reached |54| at init; the BCE's gradient scales with T^c (head 76, fusion 228 at
+   iteration 0), one SGD step at lr 0.01 sent the logits to 9.7e3 (BCE 3.5 -> 1.3e3 -> 8.3e4 ->
+   1.2e8), the exploding T^c turned the teacher's relation rows one-hot, L_RD and the student's
+   gradient followed (student grad norm 652 -> 1.1e5 -> 1.6e10) and the loss was NaN at iteration 6.
+   With the norm T^c and S^c have rms 1, the BCE stays at 0.64-0.82 (head grad <= 2.1), the student
+   grad norm falls from 1049 to 8 within 12 iterations, and the run completes at every lr of the
+   protocol's range up to 0.1 (docs/methods.md, BRD). It also makes L_RD compare the STRUCTURE of the
+   two self-relations instead of their scales (bare: student rms 0.7 vs teacher 37, i.e. near-uniform
+   against one-hot rows). `fusion_norm: none` keeps the bare convs (the paper as written).
 2. Boundary map: the paper's B(.) outputs 0/1 along lines between pixel pairs (IRN style) and is not
    differentiable. We use its relaxation b = sigmoid(Conv1x1(X^c)) (spec 11.2.2), the probability of a
    class boundary at each grid pixel; the IRN "max along the line" is not used. The paper's "1 - ..."
@@ -103,6 +120,7 @@ from harness.params import FEATURES, param
 SCHEDULES = ("range", "constant")
 BOUNDARY_MAPS = ("probability", "logit")
 SUPERVISIONS = ("teacher", "both", "none")
+FUSION_NORMS = ("batch", "none")
 CHUNK_ENTRIES = 1 << 22  # entries of one block of relation rows (4 M: 16 MB in float32)
 GRID_STRIDE = 8          # the paper resizes every stage to 1/8 of the input
 
@@ -229,14 +247,17 @@ def _init_conv(conv: nn.Conv2d, generator: torch.Generator) -> nn.Conv2d:
 
 
 class Fusion(nn.Module):
-    """One 3x3 conv per stage (to its share of `channels`), resize to the grid, concatenate."""
+    """One 3x3 conv per stage (to its share of `channels`), resize to the grid, concatenate, and (with
+    `norm="batch"`) a BatchNorm over the `channels` fused channels (batch statistics in training)."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int, generator: torch.Generator):
+    def __init__(self, in_channels: Sequence[int], channels: int, generator: torch.Generator,
+                 norm: str = "batch"):
         super().__init__()
         outs = split_channels(channels, len(in_channels))
         self.convs = nn.ModuleList(
             _init_conv(torch.nn.utils.skip_init(nn.Conv2d, c_in, c_out, 3, padding=1), generator)
             for c_in, c_out in zip(in_channels, outs))
+        self.norm = nn.BatchNorm2d(channels) if norm == "batch" else None  # weight 1, bias 0
 
     def forward(self, features: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         parts = []
@@ -245,7 +266,8 @@ class Fusion(nn.Module):
             if tuple(y.shape[-2:]) != tuple(size):
                 y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
             parts.append(y)
-        return torch.cat(parts, dim=1)
+        fused = torch.cat(parts, dim=1)
+        return self.norm(fused) if self.norm is not None else fused
 
 
 def boundary_head(channels: int, generator: torch.Generator) -> nn.Conv2d:
@@ -274,6 +296,9 @@ class BRD(Method):
         stages: List[str] = param(["stage1", "stage2", "stage3", "stage4"], choices=FEATURES,
                                   doc="backbone stages fused (distinct, at least one)")
         channels: int = param(256, low=1, doc="d, fused channels of each network (paper: 256); ≥ the number of stages")
+        fusion_norm: str = param("batch", choices=FUSION_NORMS, doc="`batch`: BatchNorm on X^c (mmseg's "
+                                 "conv-norm block; stable at the protocol's lr); `none`: the bare 3×3 convs "
+                                 "as the paper writes (diverges at lr 0.01, see the docs)")
         boundary_map: str = param("probability", choices=BOUNDARY_MAPS, doc="softmax input of L_BD: `probability` "
                                   "(sigmoid) or `logit` (CWD-like, not the paper)")
         boundary_supervision: str = param("teacher", choices=SUPERVISIONS,
@@ -308,8 +333,9 @@ class BRD(Method):
         self.supervise_teacher = sup in ("teacher", "both") and self.use_boundary
         self.supervise_student = sup == "both" and self.use_boundary
         d, g = int(c["channels"]), ctx.generator
-        self.student_fusion = Fusion([ctx.student_channels[s] for s in self.stages], d, g)
-        self.teacher_fusion = Fusion([ctx.teacher_channels[s] for s in self.stages], d, g)
+        norm = c["fusion_norm"]
+        self.student_fusion = Fusion([ctx.student_channels[s] for s in self.stages], d, g, norm)
+        self.teacher_fusion = Fusion([ctx.teacher_channels[s] for s in self.stages], d, g, norm)
         self.student_boundary = boundary_head(d, g) if self.use_boundary else None
         self.teacher_boundary = boundary_head(d, g) if self.use_boundary else None
         # tau schedule state (in the state dict): current tau, a step owed by the last iteration, and
