@@ -40,7 +40,17 @@ ENTRY_POINT_GROUPS = ("harness.methods", "harness.datasets")
 CONFIG_GROUPS = ("dataset", "method", "student", "teacher", "optim", "budget", "recipe")
 
 _loaded: dict = {}            # resolved entry -> how it was loaded (import once per process)
-_entry_points_loaded = False
+_entry_points_loaded: set = set()   # entry-point groups already imported
+# group -> register(name, obj, source): set by the registries themselves (harness.methods, harness.data)
+# when they are imported, so this module never imports them (no import loop)
+_registrars: dict = {}
+
+
+def set_registrar(group: str, register) -> None:
+    """Called by a registry on import: how an entry point's class of `group` is registered."""
+    if group not in ENTRY_POINT_GROUPS:
+        raise ValueError(f"unknown entry-point group {group!r}; valid: {', '.join(ENTRY_POINT_GROUPS)}")
+    _registrars[group] = register
 _current: List[str] = []      # the plug-in being imported (register() names it as the source)
 
 
@@ -59,13 +69,13 @@ def _loading(source: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------- entry points
-def load_entry_points() -> None:
-    """Import every `harness.methods` / `harness.datasets` entry point once per process."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for group in ENTRY_POINT_GROUPS:
+def load_entry_points(groups: Optional[Iterable[str]] = None) -> None:
+    """Import the entry points of `groups` (default: every group whose registry is imported) once per
+    process. A group's registry (harness.methods / harness.data) calls this itself when first used."""
+    for group in (ENTRY_POINT_GROUPS if groups is None else groups):
+        if group in _entry_points_loaded or group not in _registrars:
+            continue
+        _entry_points_loaded.add(group)
         for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
             dist = getattr(getattr(ep, "dist", None), "name", None)
             source = f"entry point '{ep.name} = {ep.value}' ({group}{', ' + dist if dist else ''})"
@@ -81,14 +91,7 @@ def _register_object(group: str, name: str, obj, source: str) -> None:
     """An entry point may name a class (registered here) or a module (which registered itself)."""
     if not isinstance(obj, type):
         return
-    if group == "harness.methods":
-        from harness.methods import register
-
-        register(obj, source=source)
-    else:
-        from harness.data import register
-
-        register(name, obj, getattr(obj, "Config", None), source=source)
+    _registrars[group](name, obj, source)
 
 
 # -------------------------------------------------------------------------- the plugins list

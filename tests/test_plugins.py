@@ -151,7 +151,7 @@ def clean_registries(monkeypatch):
     import harness.plugins as plugins
 
     saved = (dict(methods.METHODS), dict(methods._SOURCES), dict(data.DATASETS), dict(data.CONFIGS),
-             dict(data._SOURCES), dict(plugins._loaded), plugins._entry_points_loaded, list(sys.path))
+             dict(data._SOURCES), dict(plugins._loaded), set(plugins._entry_points_loaded), list(sys.path))
     yield
     for target, value in zip((methods.METHODS, methods._SOURCES, data.DATASETS, data.CONFIGS, data._SOURCES,
                               plugins._loaded), saved):
@@ -258,7 +258,7 @@ def test_entry_points_register_methods_and_datasets(tmp_path, monkeypatch, clean
     (info / "entry_points.txt").write_text("[harness.methods]\nep_kd = ep_kd:Clash\n\n"
                                            "[harness.datasets]\nep_streets = ep_kd:EpStreets\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    plugins._entry_points_loaded = False
+    plugins._entry_points_loaded.clear()
     cfg = load_config(["+method=ep_kd", "dataset=ep_streets", "budget=smoke"])
     assert cfg["method"] == {"ep_kd": {"weight": 1.0}} and cfg["dataset"]["name"] == "ep_streets"
     from harness.methods import source

@@ -89,7 +89,11 @@ def kind_of(cfg: dict) -> str:
 def _plugins() -> None:
     from harness.plugins import load_entry_points
 
-    load_entry_points()
+    load_entry_points(["harness.datasets"])
+
+
+def _register_entry_point(name: str, cls: type, source: str) -> None:
+    register(name, cls, getattr(cls, "Config", None), source=source)
 
 
 def build_dataset(cfg: dict, split: str, augment: dict | None = None, cache_dir: str | None = None) -> Dataset:
@@ -144,3 +148,8 @@ def _check_classes(name: str, cfg: dict, class_names) -> None:
 
 __all__ = ["ADE20K", "CONFIGS", "DATASETS", "VOC", "CamVid", "Cityscapes", "ConfigFolder", "SegTransform",
            "SyntheticStreets", "build_dataset", "check_config", "kind_of", "register"]
+
+
+from harness import plugins as _plugin_loader  # noqa: E402 - after register(): the loader calls it
+
+_plugin_loader.set_registrar("harness.datasets", _register_entry_point)

@@ -91,7 +91,11 @@ def source(name: str) -> str:
 def _plugins() -> None:
     from harness.plugins import load_entry_points
 
-    load_entry_points()
+    load_entry_points(["harness.methods"])
+
+
+def _register_entry_point(name: str, cls: type, source: str) -> None:  # noqa: ARG001 - the class names itself
+    register(cls, source=source)
 
 
 def build_methods(method_cfg: Dict[str, dict], ctx: MethodContext) -> List[Method]:
@@ -148,3 +152,8 @@ def paths_of_kind(method_section: Mapping[str, Mapping[str, Any]], kind: str) ->
 
 __all__ = ["Batch", "Method", "MethodContext", "Progress", "METHODS", "build_methods", "config_of", "kind_of",
            "path_kind", "paths_of_kind", "register", "source"]
+
+
+from harness import plugins as _plugin_loader  # noqa: E402 - after register(): the loader calls it
+
+_plugin_loader.set_registrar("harness.methods", _register_entry_point)
