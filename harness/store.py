@@ -1,8 +1,9 @@
 """Results database: one row per run, through SQLAlchemy Core 2.x.
 
 The store is addressed by an SQLAlchemy URL (``sqlite:////abs/path/results/harness.db``
-by default, later e.g. ``postgresql://user@host/db``); a plain filesystem path is accepted
-too and turned into an absolute ``sqlite:///`` URL.  The schema is created on first use.
+by default, or a server: ``postgresql+psycopg://user@host:5432/db``, the driver from
+``pip install -e ".[postgres]"``); a plain filesystem path is accepted too and turned into an
+absolute ``sqlite:///`` URL.  The schema is created on first use.
 
 Concurrency (SQLite): every connection gets WAL journal mode and a 60 s busy timeout from
 a ``connect`` event, and every *write* transaction starts with ``BEGIN IMMEDIATE`` so that
@@ -11,6 +12,14 @@ when a deferred read transaction tries to upgrade to a write lock.  Each ``appen
 ``update`` is one transaction.  Schema creation runs in such a transaction with
 ``checkfirst`` and additionally tolerates the "already exists" race that other backends can
 raise when two processes create the schema at the same moment.
+
+A server (PostgreSQL, tested; ``tests/test_postgres.py``): every operation takes a connection of its
+own and gives it back closed (no pool: a sweep's many short-lived stores never hold idle server
+connections), with a 10 s connect timeout unless the URL sets one. Schema creation is serialised by
+a transaction-scoped advisory lock; rows are plain INSERTs in their own transactions, so concurrent
+writers (trials on every node of a Ray cluster) never wait for each other. A read-only store runs
+READ ONLY transactions: it never creates or changes a table and, under MVCC, never waits for a
+writer. ``postgresql://`` without a driver name uses psycopg (3) when psycopg2 is not installed.
 
 A text export (JSON Lines, `export_lines`; ``python -m harness export``) holds one stored row per
 line, in the table's column order, rows oldest first; ``store.url=<path>.jsonl`` opens such a file
@@ -39,6 +48,10 @@ SCHEMA_VERSION = 1
 TABLE_NAME = "runs"
 META_TABLE_NAME = "meta"
 SQLITE_BUSY_TIMEOUT_S = 60.0
+SERVER_CONNECT_TIMEOUT_S = 10
+SCHEMA_LOCK_KEY = 0x68_61_72_6E_65_73_73  # "harness": the advisory lock that serialises schema creation
+POSTGRES_DRIVER_HINT = ('pip install -e ".[postgres]" installs psycopg (3); the URL then reads '
+                        'postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DATABASE')
 JSONL_SUFFIX = ".jsonl"
 REDACTED = "<redacted>"
 
@@ -173,7 +186,19 @@ def normalize_url(url: str | os.PathLike, create: bool = True) -> str:
                                  f"never creates one; run a sweep or `train` first, or point store.url at "
                                  f"an existing database")
             return parsed.set(database=path).render_as_string(hide_password=False)
+    if parsed.drivername == "postgresql" and not _importable("psycopg2") and _importable("psycopg"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; the [postgres] extra installs psycopg 3.
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return url
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def is_jsonl(url: str | os.PathLike) -> bool:
@@ -196,12 +221,46 @@ def database_exists(url: str | os.PathLike) -> bool:
     return True
 
 
+def _shown(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    except Exception:  # noqa: BLE001 - not a URL: shown as given
+        return url
+
+
 def _explain(url: str, exc: BaseException) -> str:
     """One paragraph for a database that cannot be opened (no traceback)."""
     text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
-    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    shown = _shown(url)
+    backend = make_url(url).get_backend_name() if "://" in url else "sqlite"
+    if isinstance(exc, (ImportError, sa.exc.NoSuchModuleError)):
+        hint = (f"the database driver this URL names is not installed ({text}); for PostgreSQL: "
+                f"{POSTGRES_DRIVER_HINT}" if backend == "postgresql" else
+                f"no installed database driver serves it ({text}); SQLite needs none (a file path or "
+                f"sqlite:////abs/path/harness.db), PostgreSQL: {POSTGRES_DRIVER_HINT}")
+        return f"cannot use the results database {shown} (store.url): {hint}"
+    if backend != "sqlite" and isinstance(exc, sa.exc.OperationalError):
+        return (f"cannot use the results database {shown} (store.url): {type(exc).__name__}: {text}. "
+                f"Check that the server runs and is reachable from this machine at that host and port, "
+                f"that the user and password are right and that the database exists (the harness creates "
+                f"its tables, not the database: CREATE DATABASE name)")
     return (f"cannot use the results database {shown} (store.url): {type(exc).__name__}: {text}. "
             f"Give a harness database, a new path, or a reachable server URL whose driver is installed")
+
+
+def _without_password(cfg: dict) -> dict:
+    """`cfg` with the password of its store.url (a server's) masked: a row's config never carries it
+    into the database, an export or a report."""
+    url = (cfg.get("store") or {}).get("url") if isinstance(cfg.get("store"), dict) else None
+    if not isinstance(url, str) or "://" not in url:
+        return cfg
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL: nothing to mask
+        return cfg
+    if parsed.password is None:
+        return cfg
+    return {**cfg, "store": {**cfg["store"], "url": parsed.render_as_string(hide_password=True)}}
 
 
 def _is_already_exists(exc: BaseException) -> bool:
@@ -234,14 +293,22 @@ class ResultsStore:
             return
         self.url = normalize_url(url, create=not readonly)
         self.readonly = readonly
-        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        parsed = make_url(self.url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.is_postgres = parsed.get_backend_name() == "postgresql"
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        else:  # a server: no idle pooled connections, and an unreachable host fails in seconds
+            kwargs["poolclass"] = sa.pool.NullPool
+            if self.is_postgres and "connect_timeout" not in parsed.query:
+                kwargs["connect_args"] = {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}
         try:
             self.engine = sa.create_engine(self.url, **kwargs)
             if self.is_sqlite:
                 self._install_sqlite_events(self.engine, readonly)
+            elif self.is_postgres and readonly:
+                self.engine = self.engine.execution_options(postgresql_readonly=True)
             self._retry_locked(self._check_is_harness_database)
             if not readonly:
                 self._ensure_schema()
@@ -314,7 +381,7 @@ class ResultsStore:
 
         self.url = os.path.normpath(path)  # as given (relative to the current directory, or absolute)
         self.jsonl = os.path.abspath(os.path.expanduser(path))
-        self.readonly, self.is_sqlite = True, True
+        self.readonly, self.is_sqlite, self.is_postgres = True, True, False
         if not readonly:
             raise StoreError(f"store.url {self.url} is a JSON Lines export of a results database, which the "
                              f"harness only reads; a command that writes (train, teacher, sweep) needs a "
@@ -352,6 +419,8 @@ class ResultsStore:
         for attempt in range(attempts):
             try:
                 with self.engine.begin() as conn:
+                    if self.is_postgres:  # one creator at a time; the others then find the tables
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                     _metadata.create_all(conn, checkfirst=True)
                     row = conn.execute(
                         sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
@@ -426,6 +495,9 @@ class ResultsStore:
 
     @classmethod
     def _encode(cls, record: dict) -> dict:
+        record = dict(record)
+        if isinstance(record.get("config_json"), dict):
+            record["config_json"] = _without_password(record["config_json"])
         return {k: cls._encode_value(k, v) for k, v in record.items()}
 
     @staticmethod
@@ -487,11 +559,10 @@ class ResultsStore:
     def query(self, **equals) -> list[dict]:
         """Rows whose columns equal the given values (None -> IS NULL, list -> IN),
         oldest first."""
-        stmt = (
-            sa.select(runs_table)
-            .where(*self._where(equals))
-            .order_by(runs_table.c.created_at, runs_table.c.run_id)
-        )
+        order = [runs_table.c.created_at, runs_table.c.run_id]
+        if self.is_postgres:  # byte order, as SQLite sorts, whatever the server's collation
+            order = [c.collate("C") for c in order]
+        stmt = sa.select(runs_table).where(*self._where(equals)).order_by(*order)
         with self._read() as conn:
             return [self._decode(r) for r in conn.execute(stmt)]
 
@@ -536,7 +607,7 @@ class ResultsStore:
     def __repr__(self) -> str:
         if self.jsonl is not None:
             return f"ResultsStore({self.url!r})"
-        return f"ResultsStore({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"ResultsStore({_shown(self.url)!r})"
 
 
 # --------------------------------------------------------------------------- JSON Lines
