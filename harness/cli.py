@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple
 os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
 
 from harness.config import GROUPS, available_options, load_config, run_hash  # noqa: E402
-from harness.errors import EXIT_USAGE, ConfigError, UsageError  # noqa: E402
+from harness.errors import EXIT_USAGE, ConfigError, Terminated, UsageError  # noqa: E402
 
 
 def cmd_train(overrides: List[str]) -> int:
@@ -29,7 +29,9 @@ def cmd_train(overrides: List[str]) -> int:
     record = run(cfg, teacher=teacher_for(cfg, command), command=command).record
     print(format_result(record))  # first: a store that fails cannot take the result with it
     if store_record(cfg, record):
-        print(f"  stored in   {cfg['store']['url']}  (config hash {record['config_hash']})")
+        from harness.store import shown_url
+
+        print(f"  stored in   {shown_url(cfg['store']['url'])}  (config hash {record['config_hash']})")
     return 0 if record["status"] == "completed" else 1
 
 
@@ -283,10 +285,6 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
 
 OWN_ARGUMENTS = ("reproduce",)  # commands that parse their own positional arguments and --options
 FLAGS = {"sweep": ("--dry-run",)}  # the --options other commands accept besides Hydra overrides
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or a user's kill): unwinds like Ctrl-C, so runs end as interrupted."""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - the signal handler's signature

@@ -2,6 +2,7 @@
 
 `ConfigError`: a configuration, protocol, dataset layout or checkpoint the harness refuses to run.
 `UsageError`: a bad command line (unknown command, option, id or seed).
+`Terminated`: SIGTERM, unwound like Ctrl-C (the CLI exits 143).
 
 The CLI prints either as one paragraph and exits with code 2; nothing is written before they are
 raised. Bugs are any other exception and keep their traceback.
@@ -17,3 +18,8 @@ class ConfigError(ValueError):
 
 class UsageError(Exception):
     """Bad command-line usage (exit code 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or a user's kill): unwinds like Ctrl-C, so a run saves its state and ends
+    as interrupted; the CLI says 'terminated' and exits 143."""

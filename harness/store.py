@@ -221,6 +221,11 @@ def database_exists(url: str | os.PathLike) -> bool:
     return True
 
 
+def shown_url(url: str) -> str:
+    """The URL as it may be printed: a password replaced by ***."""
+    return _shown(url)
+
+
 def _shown(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True) if "://" in url else url

@@ -224,10 +224,15 @@ def test_sigterm_to_a_command_is_a_clean_interruption(tmp_path):
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "harness", "train", "budget=smoke", "budget.iterations=100000",
-                             "progress=false", "energy.enabled=false", f"paths.results={tmp_path}",
+                             "progress=false", "energy.enabled=false", "checkpoint.every=1", f"paths.results={tmp_path}",
                              f"paths.cache={tmp_path / 'cache'}"], stderr=subprocess.PIPE, text=True)
-    time.sleep(15)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("checkpoints/*/last*.pt")):
+        time.sleep(1)                      # training runs once its first training state is saved
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == 143, err[-2000:]
     assert "terminated (SIGTERM)" in err and "Fatal Python error" not in err and "Traceback" not in err
+    assert "saving the training state" in err              # the run saved its state on the way out
+    assert list(tmp_path.glob("checkpoints/*/last*.pt"))

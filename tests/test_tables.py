@@ -634,6 +634,7 @@ def test_lift_at_equal_compute_from_the_compute_matched_rows(tmp_path, cfg):
     ref = st.ttest_rel(kd, longer)
     assert m.verdict.lift == pytest.approx(np.mean(np.subtract(kd, longer))) and m.verdict.p == pytest.approx(ref.pvalue)
     assert m.ratio == 2.5 and m.iterations == 250 and "energy" not in row.matched
+    assert row.tuning.student.started == 0          # a compute-matched control is no tuning trial
     assert leaderboard.cost_ratios(row.arm, t.block.baseline)["time"] == pytest.approx(2.5)
     md = leaderboard.to_markdown([t], ["Source: test"])
     assert "lift at equal compute: wall-clock" in md and "2.50x, 250 it." in md and "n/a (stage not run)" in md

@@ -319,8 +319,10 @@ def warn(message: str) -> None:
 
 # ------------------------------------------------------------------------------ Ctrl-C
 class Interrupt:
-    """`requested` turns true on the first SIGINT; the second one interrupts at once."""
+    """`requested` turns true on the first SIGINT or SIGTERM (`signum` says which); a second one
+    interrupts at once."""
     requested = False
+    signum: int = 0
 
 
 @contextmanager
@@ -331,17 +333,24 @@ def deferred_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed from outside Python: put Python's default back afterwards
-        previous = signal.default_int_handler
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        prev = signal.getsignal(sig)
+        if prev is None:  # installed from outside Python: put Python's default back afterwards
+            prev = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        previous[sig] = prev
 
-    def on_sigint(signum, frame):
-        flag.requested = True
-        signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
-        warn("interrupted: saving the training state after this iteration (Ctrl-C again to stop at once)")
+    def on_signal(signum, frame):
+        flag.requested, flag.signum = True, signum
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        warn(f"interrupted ({name}): saving the training state after this iteration (again to stop at once)")
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -46,6 +47,7 @@ from harness.engine.checkpoint import (BatchStream, Checkpoints, deferred_interr
 from harness.engine.evaluate import evaluate, slide_window
 from harness.engine.loop import EvalCallback, Fit, fit
 from harness.engine.record import RunRecord
+from harness.errors import Terminated
 from harness.methods import MethodContext, build_methods
 from harness.models import build_segmenter
 
@@ -137,8 +139,9 @@ def run(cfg: dict, *, teacher=None, command: str = "", callback: Optional[EvalCa
                         or interrupt.requested:
                     checkpoints.save_state(training_state(key, run_id, so_far, student, optimizer, methods, batches))
                 if interrupt.requested:
-                    raise KeyboardInterrupt(f"run {run_id} interrupted after iteration {so_far.iterations}; "
-                                            f"its state is in {checkpoints.dir}")
+                    kind = Terminated if interrupt.signum == signal.SIGTERM else KeyboardInterrupt
+                    raise kind(f"run {run_id} interrupted after iteration {so_far.iterations}; "
+                               f"its state is in {checkpoints.dir}")
 
             on_eval = evaluation_printer(cfg, bar, budget["iterations"], resumed_at, callback)
             done = fit(student, optimizer, batches, iterations=budget["iterations"],

@@ -40,6 +40,9 @@ from harness.config import stable_hash
 from harness.sweep.protocol import RERUN, load_protocol, rerun_stages
 
 STUDENT_ONLY = "student-only"
+# stage kinds whose rows are neither tuning trials nor reruns: controls measured after the reruns
+# (the compute-matched student runs of the equal-compute lift, harness.sweep.protocol)
+CONTROL_KINDS = ("compute_matched",)
 FALLBACK_RERUN_STAGE = "reruns"  # rows without a stage kind whose protocol cannot be loaded
 MISSING = "n/a"  # never a silent zero: a missing cell says so, the reason goes under the table
 
@@ -210,6 +213,11 @@ class RerunStages:
             return kind == RERUN, None
         stages, note = self._of(protocol_of(row))
         return row.get("stage") in stages, note
+
+
+def is_control(row: Dict[str, Any]) -> bool:
+    """A control row (CONTROL_KINDS): not a tuning trial, not a rerun."""
+    return (row.get("extra_json") or {}).get("stage_kind") in CONTROL_KINDS
 
 
 def rerun_rows(store, **equals) -> List[Tuple[Dict[str, Any], Optional[str]]]:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness.report import verdicts as verdicts_
-from harness.report.blocks import MISSING, STUDENT_ONLY, Arm, Block, RerunStages, load_blocks, protocol_of, source_lines
+from harness.report.blocks import (MISSING, STUDENT_ONLY, Arm, Block, RerunStages, is_control, load_blocks, protocol_of,
+                                   source_lines)
 from harness.report.filters import TESTS, Filters
 from harness.report.render import fmt_p, markdown_table, pct, publish, stars, tex, tex_title
 
@@ -229,7 +230,7 @@ def _energy(row: Row, arm: Arm, store) -> None:
         row.notes.append(f"sweep energy: {len(runs) - len(have)} of {len(runs)} runs without energy (not counted)")
 
 
-COMPUTE_MATCHED = "compute_matched"   # = harness.sweep.protocol's stage kind of the equal-compute control
+COMPUTE_MATCHED = "compute_matched"   # the stage kind of the equal-compute control (blocks.CONTROL_KINDS)
 
 
 def _matched(store, arm: Arm) -> Dict[str, Matched]:
@@ -257,7 +258,7 @@ def _tuning_rows(store, arm: Arm) -> List[Dict[str, Any]]:
     if not arm.sweep_ids:
         return []
     is_rerun = RerunStages()
-    return [r for r in store.query(sweep_id=arm.sweep_ids) if not is_rerun(r)[0]]
+    return [r for r in store.query(sweep_id=arm.sweep_ids) if not is_rerun(r)[0] and not is_control(r)]
 
 
 def _tuning(store, arm: Arm, base: Arm) -> Tuning:

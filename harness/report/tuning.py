@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from harness.report.blocks import STUDENT_ONLY, Arm, Block, RerunStages, source_lines
+from harness.report.blocks import STUDENT_ONLY, Arm, Block, RerunStages, is_control, source_lines
 
 Output = Tuple[Optional[Path], str]  # as in harness.report.figures
 
@@ -202,7 +202,7 @@ def tuning_values(rows: Iterable[Dict[str, Any]]) -> TuningValues:
         rerun, note = is_rerun(r)
         if note:
             fallback.append(note)
-        if not rerun:
+        if not rerun and not is_control(r):  # compute-matched controls are no tuning trials
             trials.append(r)
     trials.sort(key=lambda r: (r.get("created_at") or "", r.get("run_id") or ""))
     for r in trials:
