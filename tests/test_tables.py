@@ -559,10 +559,27 @@ def test_literature_lift_inflation_from_our_rows(store, cfg, tmp_path, capsys):
     c = {**cfg, "store": {"url": store.url}, "paths": {**cfg["paths"], "results": str(tmp_path / "out")}}
     md = literature.write(c, store, quiet=True, data_file=data).read_text()
     ours = {lbl: 100 * (statistics.fmean(VALUES[lbl]) - statistics.fmean(VALUES["student-only"])) for lbl in ("cwd", "cwd,gskd")}
-    cwd_line = next(l for l in md.splitlines() if "| cwd " in l and "cityscapes" in l)
-    assert f"{ours['cwd']:+.2f} [" in cwd_line and f"{5.81 - ours['cwd']:+.2f}" in cwd_line and "synthetic/quick" in cwd_line
-    combo = next(l for l in md.splitlines() if "| cwd+gskd " in l and "| synthetic " in l)
-    assert f"{3.31 - ours['cwd,gskd']:+.2f}" in combo
+    header = next(l for l in md.splitlines() if l.startswith("| dataset "))
+    col = [c.strip() for c in header.strip("|").split("|")]
+    same_i, infl_i, cross_i, from_i = (col.index(c) for c in ("our lift, same dataset [95% CI]", "inflation",
+                                                               "cross-dataset lift (not comparable)", "ours from"))
+
+    def cells(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    # our cwd lift is on synthetic data: next to a Cityscapes row it is cross-dataset, with no inflation
+    cwd = cells(next(l for l in md.splitlines() if "| cwd " in l and "cityscapes" in l))
+    assert cwd[same_i] == "n/a" and cwd[infl_i] == "n/a"
+    assert cwd[cross_i].startswith(f"{ours['cwd']:+.2f} [")
+    assert f"{5.81 - ours['cwd']:+.2f}" not in "|".join(cwd)
+    assert cwd[from_i].startswith("synthetic: ") and "<-" in cwd[from_i] and "quick" in cwd[from_i]
+    # a published synthetic row: same dataset, inflation computed, nothing in the cross-dataset column
+    combo = cells(next(l for l in md.splitlines() if "| cwd+gskd " in l and "| synthetic " in l))
+    assert combo[infl_i] == f"{3.31 - ours['cwd,gskd']:+.2f}" and combo[same_i].startswith(f"{ours['cwd,gskd']:+.2f} [")
+    assert combo[cross_i] == ""
+    assert "not comparable, no inflation" in md
+    entry = {"method": "cwd", "dataset": "cityscapes", "published_lift": 5.81}
+    assert literature.inflation(entry, literature.match(entry, literature.our_lifts(store))) is None
     apd = next(l for l in md.splitlines() if "| apd " in l)
     assert apd.count("n/a") == 2    # no comparison of ours: our lift and inflation say so
     assert "Source: our lifts" in md and "## Our tuned lifts" in md

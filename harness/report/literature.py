@@ -5,14 +5,19 @@ student-only and distilled mIoU of paper 003's Table 1 and of the seed papers' t
 and table), its **published lift** (distilled - student-only, as printed), and, where the results
 database has a tuned comparison for the same method (label as the leaderboard writes it, e.g.
 ``cwd+gskd``), **our lift** over the tuned student-only arm (mean of the per-seed differences, the
-leaderboard's 95% paired-t interval) and the **lift inflation** = published lift - our lift.
+leaderboard's 95% paired-t interval) and, on the same dataset only, the **lift inflation**.
 
 Which of our comparisons stands next to a published row: the block (dataset, student, teacher,
 budget) with the same method on the same dataset if there is one, otherwise the block with the
-most seeds for that method on any dataset; the setting is printed next to the number, because a
-lift on the embedded synthetic data and a published Cityscapes lift are different experiments.
-The inflation is therefore "how much larger the published lift is than what a tuned baseline
-gives this method in our setting", not a claim about the published setting.
+most seeds for that method on any dataset. Like is compared with like only:
+
+* **same dataset**: our lift goes in "our lift, same dataset" and the **lift inflation** =
+  published lift - our lift is computed; "ours from" names our student <- teacher and budget
+  (the published student and teacher may still differ: both are in the row);
+* **another dataset** (say the embedded synthetic data next to a published Cityscapes lift): our
+  lift goes in the separate column "cross-dataset lift (not comparable)", the inflation cell stays
+  empty (n/a), and no summary number ever combines it with anything: a lift on synthetic data and a
+  published Cityscapes lift are different experiments.
 """
 from __future__ import annotations
 
@@ -103,6 +108,22 @@ def match(entry: Dict[str, Any], ours: Dict[str, List[Ours]]) -> Optional[Ours]:
     return max(same or candidates, key=lambda o: (o.n, o.n_base, o.block.budget or ""))
 
 
+def same_dataset(entry: Dict[str, Any], o: Optional[Ours]) -> bool:
+    """Whether our comparison `o` was made on the published entry's dataset (only then is an
+    inflation computed)."""
+    return o is not None and o.block.dataset == entry["dataset"]
+
+
+def inflation(entry: Dict[str, Any], o: Optional[Ours]) -> Optional[float]:
+    """published lift - our lift, in points; None unless our comparison is on the same dataset."""
+    return entry["published_lift"] - o.lift if same_dataset(entry, o) else None
+
+
+def _ours_from(o: Ours) -> str:
+    b = o.block
+    return f"{b.dataset}: {b.student} <- {b.teacher}, {b.budget or MISSING}, n={o.n}/{o.n_base}"
+
+
 def _num(v: Optional[float], std: Optional[float] = None) -> str:
     if v is None:
         return MISSING
@@ -115,7 +136,10 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
              "Published: the student-only (S only) and distilled (+T) mIoU (%) as printed, and their difference. "
              "Ours: the lift of the same method over our tuned student-only arm (mean of the per-seed differences, "
              "the leaderboard's 95% paired-t interval; setting = dataset, student <- teacher, budget, seeds distilled/student-only). "
-             "Inflation = published lift - our lift. (k Ls): k loss terms besides CE (paper 003, Table 1); (tuned S): "
+             "Inflation = published lift - our lift, computed only where our comparison is on the published "
+             "row's dataset (ours from: our dataset, student <- teacher, budget, seeds). Where ours is on another "
+             "dataset, our lift stands in the column \"cross-dataset lift (not comparable)\" with no inflation, "
+             "and no number here combines datasets. (k Ls): k loss terms besides CE (paper 003, Table 1); (tuned S): "
              "the student-only arm was tuned; (re-run): the authors re-ran the method. "
              "Data: harness/report/literature.yaml.", ""]
     lines += ["## Our tuned lifts", ""]
@@ -134,16 +158,25 @@ def to_markdown(entries: Sequence[Dict[str, Any]], ours: Dict[str, List[Ours]], 
         body = []
         for e in rows:
             o = match(e, ours)
+            same = same_dataset(e, o)
+            infl = inflation(e, o)
             flags = "".join([f" ({e['loss_terms']} Ls)" if e.get("loss_terms") else "",
                              " (tuned S)" if e.get("tuned_baseline") else "",
                              " (re-run)" if e.get("reproduced_by_authors") else ""])
             body.append([e["dataset"], e["student"], e["teacher"], f"{e['method']}{flags}",
                          _num(e["student_only"], e.get("student_only_std")), _num(e["distilled"], e.get("distilled_std")),
-                         f"{e['published_lift']:+.2f}", o.cell() if o else MISSING,
-                         f"{e['published_lift'] - o.lift:+.2f}" if o else MISSING,
-                         f"{o.block.dataset}/{o.block.budget}, n={o.n}" if o else ""])
+                         f"{e['published_lift']:+.2f}", o.cell() if same else MISSING,
+                         f"{infl:+.2f}" if infl is not None else MISSING,
+                         o.cell() if o is not None and not same else "",
+                         _ours_from(o) if o else ""])
         lines += markdown_table(["dataset", "student", "teacher", "method", "S only", "+T", "pub. lift",
-                                 "our lift [95% CI]", "inflation", "ours from"], body, "llllrrrrrl")
+                                 "our lift, same dataset [95% CI]", "inflation",
+                                 "cross-dataset lift (not comparable)", "ours from"], body, "llllrrrrrrl")
+        n_same = sum(same_dataset(e, match(e, ours)) for e in rows)
+        n_cross = sum(match(e, ours) is not None and not same_dataset(e, match(e, ours)) for e in rows)
+        if n_cross:
+            lines += ["", f"{n_cross} row(s) have our lift only on another dataset: not comparable, no inflation."
+                      + (f" {n_same} row(s) compare on the same dataset." if n_same else "")]
         notes = [f"{e['method']} ({e['dataset']}, {e['student']}): {e['note']}" for e in rows if e.get("note")]
         if notes:
             lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)]
