@@ -109,11 +109,18 @@ def _blocks(store, filters, blocks=None):
 
 
 def write_leaderboard(cfg, store, filters, blocks=None) -> None:
+    """The leaderboard; the latency is the stored one (<paths.cache>/efficiency/, measured once per
+    model and device when missing; report.remeasure=true measures again; report.measure=false: none)."""
+    from pathlib import Path
+
     from harness.measure.efficiency import for_blocks
     from harness.report import leaderboard
 
     blocks = _blocks(store, filters, blocks)
-    leaderboard.write(cfg, store, filters, blocks, efficiency=for_blocks(blocks, latency=cfg["report"]["measure"]))
+    rep = cfg["report"]
+    latency = ("remeasure" if rep.get("remeasure") else "stored") if rep["measure"] else False
+    efficiency = for_blocks(blocks, latency=latency, cache=Path(cfg["paths"]["cache"]) / "efficiency")
+    leaderboard.write(cfg, store, filters, blocks, efficiency=efficiency)
 
 
 def write_significance(cfg, store, filters, blocks=None) -> None:

@@ -369,3 +369,78 @@ def test_show_on_an_empty_database_draws_what_it_can_and_says_why(tiny, tmp_path
     out = capsys.readouterr().out
     assert "no completed rerun rows" in out and "written:" in out
     assert len(list((tmp_path / "reports").glob("show_*.png"))) == 1
+
+
+# ------------------------------------------------------------------- latency: measured once, stored
+def test_latency_is_measured_once_per_model_and_device_and_read_back(tmp_path, fake_configs):
+    """The first report measures and stores the latency (<paths.cache>/efficiency/), later ones read
+    the stored number (they do not measure again), remeasure replaces it, and the table names the
+    device and the date; latency=False neither reads nor measures."""
+    from types import SimpleNamespace
+
+    from harness.measure import efficiency as eff
+
+    cfg = fake_configs[0]
+    row = {"run_id": "r1", "config_json": {"student": {**cfg["student"], "head_channels": 8},
+                                           "dataset": {"num_classes": 3, "image_size": [24, 24]}}}
+    block = SimpleNamespace(key=("synthetic", "s", "t", "smoke"), rows=[row])
+    cache = tmp_path / "cache" / "efficiency"
+    kw = dict(repetitions=2, warmup=0, threads=1)
+
+    eff._CACHE.clear()
+    first = eff.for_blocks([block], latency="stored", cache=cache, **kw)[block.key]
+    files = list(cache.glob("latency_*.json"))
+    assert len(files) == 1 and first.latency_ms is not None
+    stored = json.loads(files[0].read_text())
+    assert stored["latency_ms"] == first.latency_ms and stored["key"]["device"] == "cpu"
+    assert stored["key"]["device_name"] == eff.device_description("cpu") and stored["key"]["threads"] == 1
+    assert first.device_name == eff.device_description("cpu") and first.measured_on == stored["measured_at"][:10]
+    text = first.describe()
+    assert eff.device_description("cpu") in text and f"measured {first.measured_on}" in text
+
+    # read back, not re-measured: a sentinel in the file comes back as it is, in a fresh process cache
+    stored["latency_ms"], stored["measured_at"] = 123.25, "2020-01-02T03:04:05+00:00"
+    files[0].write_text(json.dumps(stored))
+    eff._CACHE.clear()
+    again = eff.for_blocks([block], latency=True, cache=cache, **kw)[block.key]
+    assert again.latency_ms == 123.25 and again.measured_on == "2020-01-02" and "measured 2020-01-02" in again.describe()
+
+    # forced: measured again and stored in place of the old number
+    eff._CACHE.clear()
+    forced = eff.for_blocks([block], latency="remeasure", cache=cache, **kw)[block.key]
+    assert forced.latency_ms != 123.25
+    assert json.loads(files[0].read_text())["latency_ms"] == forced.latency_ms
+    assert list(cache.glob("latency_*.json")) == files
+
+    # report.measure=false: no latency, nothing read or written
+    eff._CACHE.clear()
+    none = eff.for_blocks([block], latency=False, cache=tmp_path / "other", **kw)[block.key]
+    assert none.latency_ms is None and "latency not measured" in none.describe() and not (tmp_path / "other").exists()
+    # another thread count is another measurement
+    eff._CACHE.clear()
+    eff.for_blocks([block], latency="stored", cache=cache, **{**kw, "threads": 2})
+    assert len(list(cache.glob("latency_*.json"))) == 2
+
+
+def test_leaderboard_command_stores_the_latency_and_names_the_device(fake_db, tmp_path, monkeypatch):
+    from harness.cli import write_leaderboard
+    from harness.measure import efficiency as eff
+    from harness.report.filters import Filters
+
+    store, _ = fake_db
+    c = load_config([f"paths.results={tmp_path / 'results'}", f"paths.cache={tmp_path / 'cache'}", "progress=false"])
+    calls = []
+    real = eff.measure
+
+    def counting(*a, **kw):
+        kw["repetitions"], kw["warmup"] = 1, 0
+        calls.append(kw.get("store") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eff, "measure", counting)
+    eff._CACHE.clear()
+    write_leaderboard(c, store, Filters())
+    assert calls and all(calls)  # measured through the store
+    assert list((tmp_path / "cache" / "efficiency").glob("latency_*.json"))
+    md = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert eff.device_description("cpu") in md and "measured 20" in md
