@@ -158,7 +158,14 @@ def load_protocol(name: str, sweeps_dir: Path = SWEEPS_DIR) -> Protocol:
         raise ConfigError(f"unknown sweep protocol '{name}'. Valid protocols (sweeps/*.yaml): "
                           f"{', '.join(choices)}." + (f" Did you mean '{close[0]}'?" if close else ""))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"sweep protocol {path} is not UTF-8 text (byte {e.start}: {e.reason}); protocols are "
+                          f"YAML files in UTF-8, like sweeps/default.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"sweep protocol {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"sweep protocol {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     return parse_protocol(raw, str(path))
@@ -170,8 +177,14 @@ def parse_protocol(raw: Dict[str, Any], where: str = "protocol") -> Protocol:
     if raw.get("metric", "miou") != "miou":
         raise ConfigError(f"{where}: metric must be 'miou' (the mean IoU on the tune split)")
     stages_raw = raw.get("stages") or []
+    if not isinstance(stages_raw, list):
+        raise ConfigError(f"{where}: stages must be a list of stages (- name: ...), got {type(stages_raw).__name__}")
     if not stages_raw:
         raise ConfigError(f"{where}: no stages")
+    for key, default in (("sampler_seed", 0), ("tpe_startup_trials", 3)):
+        value = raw.get(key, default)
+        if not _is_int(value) or not 0 <= value < 2 ** 32:
+            raise ConfigError(f"{where}: {key} must be a whole number in [0, 2^32), got {value!r}")
     stages: List[Stage] = []
     for i, s in enumerate(stages_raw):
         if isinstance(s, dict) and s.get("search") == COMPUTE_MATCHED:
@@ -193,9 +206,9 @@ def _parse_asha(raw: Any, where: str) -> Dict[str, Any]:
     g, rf, frac, mc = (asha[k] for k in ("grace_period", "reduction_factor", "min_fraction", "min_completed"))
     if not _is_int(g) or g < 1:
         raise ConfigError(f"{where}: grace_period must be a whole number of evaluations >= 1, got {g!r}")
-    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf > 1:
-        raise ConfigError(f"{where}: reduction_factor must be a number > 1, got {rf!r}")
-    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+    if not _is_number(rf) or not rf > 1:
+        raise ConfigError(f"{where}: reduction_factor must be a number > 1 (finite), got {rf!r}")
+    if not _is_number(frac) or not 0 <= frac <= 1:
         raise ConfigError(f"{where}: min_fraction must be a fraction of training in [0, 1], got {frac!r}")
     if mc is not None and (not _is_int(mc) or mc < 1):
         raise ConfigError(f"{where}: min_completed must be a whole number of trials >= 1, or null for the "
@@ -205,6 +218,11 @@ def _parse_asha(raw: Any, where: str) -> Dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool, not NaN or an infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_parity(stages: List[Stage], where: str) -> None:
@@ -239,7 +257,14 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
     name = s.get("name")
     if not name:
         raise ConfigError(f"{where}: every stage needs a name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: a stage name is text, got {name!r}")
     where = f"{where.rsplit(',', 1)[0]}, stage '{name}'"
+    for key, kind in (("space", dict), ("inherits", list), ("arms", list)):
+        if s.get(key) is not None and not isinstance(s[key], kind):
+            raise ConfigError(f"{where}: {key} must be a {'mapping' if kind is dict else 'list'}, got {s[key]!r}")
+    if "each" in s and not isinstance(s["each"], bool):
+        raise ConfigError(f"{where}: each must be true or false, got {s['each']!r}")
     if name in earlier:
         raise ConfigError(f"{where}: two stages are named '{name}'")
     arms = list(s.get("arms") or [])
@@ -291,7 +316,7 @@ def _parse_stage(s: Dict[str, Any], where: str, earlier: List[str]) -> Stage:
         raise ConfigError(f"{where}: empty search space")
     for path, dist in stage.space.items():
         _check_distribution(path, dist, stage.search, where)
-    if stage.search == "tpe" and (not isinstance(stage.trials, int) or stage.trials < 1):
+    if stage.search == "tpe" and (not _is_int(stage.trials) or stage.trials < 1):
         raise ConfigError(f"{where}: a tpe stage needs trials: N (N >= 1)")
     return stage
 
@@ -366,6 +391,8 @@ def _check_distribution(path: str, dist: Any, search: str, where: str) -> None:
     kind, values = next(iter(dist.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: '{path}': {kind} needs a non-empty list (empty search space)")
+    if (kind in ("loguniform", "uniform", "grid_scale") or path.startswith("$")) and not all(_is_number(v) for v in values):
+        raise ConfigError(f"{where}: '{path}': {kind} takes finite numbers, got {values}")
     if kind in ("loguniform", "uniform"):
         if len(values) != 2 or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
             raise ConfigError(f"{where}: '{path}': {kind} needs [low, high] with "
@@ -425,9 +452,70 @@ def expand_space(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any]) -> Dict[
 
 
 def check_paths(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any], where: str) -> None:
+    """Every path of an expanded space is a config path of `cfg`, and every value the stage may set
+    there is one the config accepts (`check_values`)."""
     for path in space:
         node = cfg
         for part in path.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"{where}: '{path}' is not a config path of this run")
             node = node[part]
+    check_values(space, cfg, where)
+
+
+def check_values(space: Dict[str, Dict[str, Any]], cfg: Dict[str, Any], where: str) -> None:
+    """Refuse (ConfigError) a value a stage would set that the config itself refuses: every grid and
+    choice value, and both bounds of a loguniform / uniform range (the ranges of the schemas are
+    intervals, so a range whose ends are admitted lies inside), each checked as `path=value` on the
+    command line would be: the section's schema (type), its declared ranges and choices, the method's
+    cross-field rules, NaN and infinities (`config_verdict`)."""
+    for path, dist in space.items():
+        kind, values = next(iter(dist.items()))
+        for value in values:
+            message = config_verdict(cfg, path, value)
+            if message:
+                what = "bound" if kind in ("loguniform", "uniform") else "value"
+                raise ConfigError(f"{where}: '{path}': the {kind} {what} {value!r} is refused by the config: {message}")
+
+
+def config_verdict(cfg: Dict[str, Any], path: str, value: Any) -> Optional[str]:
+    """The config's own rules on `cfg` with `path` set to `value`: the ConfigError message, or None.
+
+    The section that holds the path is validated as `harness.config.validate` validates it (one
+    section, not the whole config: a protocol sets dozens of values), with the same functions: the
+    schema (types, through OmegaConf), `check_finite`, the declared ranges (`check_section` for a
+    method, `check_schema` for a section) and the invariants that relate values; a path outside the
+    method and model/optimiser/budget sections goes through the whole `validate`."""
+    import copy
+
+    from harness import config as C
+    from harness.params import check_finite, check_schema, check_section
+
+    candidate = {**cfg}
+    parts = path.split(".")
+    top = parts[0]
+    candidate[top] = copy.deepcopy(cfg[top])
+    node = candidate
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    try:
+        if top == "method" and len(parts) == 3:
+            from harness.methods import METHODS
+
+            name = parts[1]
+            schema = METHODS[name].Config
+            section = C._against(schema, candidate["method"][name], f"method.{name}")
+            check_finite(section, f"method.{name}")
+            check_section(name, schema, section)
+        elif top in C.SECTION_SCHEMAS:
+            schema = C.SECTION_SCHEMAS[top]
+            section = C._against(schema, candidate[top], top)
+            check_finite(section, top)
+            check_schema(top, schema, section)
+            C._check_invariants({**candidate, top: section}, check_data=False)
+        else:
+            C.validate(candidate, check_data=False)
+    except ConfigError as e:
+        return str(e)
+    return None
