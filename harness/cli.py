@@ -60,8 +60,10 @@ def cmd_sweep(overrides: List[str]) -> int:
 
         print(describe(cfg))
         return 0
+    from harness.engine.teacher import check_teacher
     from harness.sweep.runner import SweepError, run_sweep
 
+    check_teacher(cfg)  # a corrupt cached or given teacher: exit 2 before the sweep creates its database
     try:
         run_sweep(cfg, command=_command_line())
     except SweepError as e:

@@ -168,3 +168,29 @@ def test_a_bad_protocol_value_exits_2_before_anything_is_written(tiny, tmp_path,
     err = capsys.readouterr().err
     assert "optim.lr" in err and "Traceback" not in err
     assert not (tmp_path / "results" / "harness.db").exists()
+
+
+# ------------------------------------------------------------- the teacher, before the database
+@pytest.mark.parametrize("meta", [b"{not json", b'{"sha256": "0000"}', b"\xff\xfe"])
+def test_a_corrupt_teacher_cache_exits_2_before_the_sweep_creates_its_database(tiny, tmp_path, capsys, meta):
+    """Issue 14 item 9: the teacher cache is checked (engine.teacher.check_teacher) before run_sweep
+    opens the store, so the exit-2 error leaves no database behind."""
+    from harness.engine.teacher import teacher_dir
+
+    overrides = [o for o in tiny("+method=kd") if not o.startswith("paths.cache=")] + [f"paths.cache={tmp_path / 'cache'}"]
+    folder = teacher_dir(load_config(overrides))
+    folder.mkdir(parents=True)
+    (folder / "teacher.pt").write_bytes(b"not a checkpoint")
+    (folder / "meta.json").write_bytes(meta)
+    assert main(["sweep", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "Traceback" not in err
+    assert not (tmp_path / "results" / "harness.db").exists()
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").glob("*.db"))
+
+
+def test_a_missing_given_teacher_checkpoint_exits_2_before_the_database(tiny, tmp_path, capsys):
+    overrides = tiny("+method=kd", f"teacher.checkpoint={tmp_path / 'nowhere.pt'}")
+    assert main(["sweep", *overrides]) == 2
+    assert "nowhere.pt" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "harness.db").exists()

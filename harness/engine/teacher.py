@@ -102,20 +102,43 @@ def get_teacher(cfg: dict, device: torch.device, command: str = "") -> Teacher:
     return Teacher(freeze(model.to(device)), info)
 
 
+def check_teacher(cfg: dict) -> None:
+    """Raise TeacherError (exit 2) now for a teacher that `teacher_for` would refuse later: a given
+    `teacher.checkpoint` that is missing, corrupt or for another model, or a cached teacher whose
+    meta.json cannot be read or whose checkpoint does not match its hash. Reads only, takes no lock and
+    trains nothing (a teacher missing from the cache is fine: it is trained when first needed), so a
+    command can call it before it creates anything (the sweep: before its results database)."""
+    if not cfg["method"]:
+        return
+    if cfg["teacher"]["checkpoint"]:
+        load_checkpoint(cfg, Path(cfg["teacher"]["checkpoint"]))
+        return
+    folder = teacher_dir(cfg)
+    ckpt, meta_path = folder / "teacher.pt", folder / "meta.json"
+    if ckpt.is_file() and meta_path.is_file():
+        _cached_meta(folder, ckpt, meta_path)
+
+
+def _cached_meta(folder: Path, ckpt: Path, meta_path: Path) -> Dict:
+    """The cached teacher's meta.json, checked against its checkpoint's sha256 (TeacherError if not)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as e:
+        raise TeacherError(f"the cached teacher's {meta_path} cannot be read ({type(e).__name__}); "
+                           f"delete {folder} to retrain it") from None
+    if not isinstance(meta, dict) or meta.get("sha256") != sha256_of(ckpt):
+        raise TeacherError(f"the cached teacher {ckpt} does not match the hash in its meta.json "
+                           f"(corrupt or edited); delete {folder} to retrain it")
+    return meta
+
+
 def cached_or_trained(cfg: dict, command: str = "") -> Tuple[Segmenter, Dict]:
     folder = teacher_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         ckpt, meta_path = folder / "teacher.pt", folder / "meta.json"
         if ckpt.is_file() and meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (ValueError, OSError) as e:
-                raise TeacherError(f"the cached teacher's {meta_path} cannot be read ({type(e).__name__}); "
-                                   f"delete {folder} to retrain it") from None
-            if not isinstance(meta, dict) or meta.get("sha256") != sha256_of(ckpt):
-                raise TeacherError(f"the cached teacher {ckpt} does not match the hash in its meta.json "
-                                   f"(corrupt or edited); delete {folder} to retrain it")
+            meta = _cached_meta(folder, ckpt, meta_path)
             return load_checkpoint(cfg, ckpt), meta
         print(f"[harness] no cached teacher '{cfg['teacher']['name']}' for this dataset and budget "
               f"(key {teacher_key(cfg)}): training it first "
