@@ -34,7 +34,7 @@ def test_report_commands_write_what_the_old_tables_wrote(tmp_path, monkeypatch):
         assert produced[name] == expected, name
 
 
-REPORT_MODULES = ("blocks", "filters", "render", "verdicts", "leaderboard", "significance", "energy", "literature", "figures",
+REPORT_MODULES = ("blocks", "filters", "render", "verdicts", "leaderboard", "significance", "energy", "literature", "figures", "names",
                   "tuning", "across")
 FORBIDDEN = ("torch", "harness.engine", "harness.models", "harness.data", "harness.methods", "harness.measure",
              "harness.cli")

@@ -271,6 +271,7 @@ def draw_cd(path: Path, result: CriticalDifference, source: Sequence[str]) -> Pa
     """The usual critical-difference diagram: average ranks on an axis (1 = best, left), the CD bar
     above, arms joined by a thick line where they do not differ by CD."""
     from harness.report.figures import _pyplot, save
+    from harness.report.names import method_name
 
     plt = _pyplot()
     names, ranks, k = result.names, result.ranks, len(result.names)
@@ -295,14 +296,14 @@ def draw_cd(path: Path, result: CriticalDifference, source: Sequence[str]) -> Pa
             y = -(bars + 0.6 + n)
             x_end = 0.5 - 0.1 * k if side == "left" else k + 0.5 + 0.1 * k
             ax.plot([ranks[i], ranks[i], x_end], [0, y, y], color="black", lw=0.8)
-            ax.text(x_end + (-0.05 if side == "left" else 0.05), y, f"{names[i]} ({ranks[i]:.2f})",
+            ax.text(x_end + (-0.05 if side == "left" else 0.05), y, f"{method_name(names[i])} ({ranks[i]:.2f})",
                     ha="right" if side == "left" else "left", va="center", fontsize=9)
     for n, group in enumerate(groups):
         xs = [ranks[names.index(g)] for g in group]
         ax.hlines(-(0.25 + 0.35 * n), min(xs) - 0.03, max(xs) + 0.03, color="black", lw=3)
     p = "n/a" if result.p is None else f"{result.p:.3g}"
     ax.set_title(f"Average rank of mean val mIoU over {len(result.block_ids)} blocks "
-                 f"(Friedman p = {p}; Nemenyi, alpha = {ALPHA})", fontsize=9)
+                 f"(Friedman p = {p}; Nemenyi, α = {ALPHA})", fontsize=10)
     return save(fig, Path(path), source)
 
 
@@ -409,7 +410,10 @@ def write(cfg: Dict[str, Any], store, filters: Filters = Filters(), blocks: Opti
     out_dir = Path(cfg["paths"]["reports"])
     diagram = None
     if cd.computed:
-        publish(out_dir, "cd_diagram", {"png": lambda p: draw_cd(p, cd, source)}, quiet=True, empty="")
+        from harness.report.tuning import shown_database  # the figure names no absolute path
+
+        drawn = source_lines(shown_database(store.url), rows, what="across blocks") + [f"Filters: {filters.shown()}"]
+        publish(out_dir, "cd_diagram", {"png": lambda p: draw_cd(p, cd, drawn)}, quiet=True, empty="")
         diagram = "cd_diagram.png"
         if not quiet:
             print(f"wrote {out_dir / diagram}")

@@ -8,7 +8,9 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
 * ``history_<sweep>.png`` -- optimisation history per stage and arm: for every sweep (one arm of a
   comparison, `sweep_id`) one panel per stage / sub-stage, trials in the order they were recorded,
   the final mIoU of each (completed: filled; stopped early by ASHA: hollow, at the mIoU it had
-  reached; failed: a cross on the x axis) and the best-so-far line of the completed trials.
+  reached; failed: a cross on the x axis) and the best-so-far line of the completed trials. A rerun
+  stage is no search (its trials are independent seeds of one configuration): its panel shows the
+  seeds' points and their mean +- sd, never a best-so-far line (`history_series`).
 * ``response_<sweep>.png`` -- response curves (paper 003, Tables 4 and 5 as figures): for every
   temperature and loss weight searched in a stage, the tune mIoU of each trial against the value
   (points) and the mean per value (line). The value comes from `params_json`; the searched path
@@ -18,10 +20,12 @@ for each figure that could not be drawn, why (empty database, no such stage, tea
   before records carried it, from the placeholder (`$temperatures`, `$weights`) of the row's stage
   in its protocol; never from the path's name.
 * ``seeds_<block>.png`` -- per-seed distributions of every leaderboard row (the rerun rows of each
-  arm: one point per seed, labelled with it, mean +- std bar).
+  arm: one point per seed, the seed told by its marker and place in a legend, no text labels that
+  could collide; mean +- std bar).
 * ``pareto_<block>.png`` -- val mIoU against training energy per run (kWh, log scale) of each arm
   and of the teacher, the Pareto front (no other point has both more mIoU and less energy) drawn as
-  a line; arms without energy are named in the figure, never drawn at zero.
+  a line; arms in a legend (no point labels that could collide); arms without energy are named in
+  the figure, never drawn at zero.
 * ``tuning_<block>.png`` -- expected best tune mIoU against the number of tuning trials, every arm
   of the block (Dodge et al. 2019 with Tang et al. 2020's unbiased estimator; `harness.report.tuning`).
 * ``entropy_<teacher>.png`` -- paper 003 Figure 1: share of pixels per Shannon entropy (nats,
@@ -39,9 +43,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness.report.blocks import MISSING, STUDENT_ONLY, Block, budget_of, method_label, protocol_of, source_lines
+from harness.report.blocks import (MISSING, STUDENT_ONLY, Block, RerunStages, budget_of, method_label, protocol_of,
+                                    source_lines)
 from harness.report.energy import run_energy, teacher_runs
-from harness.report.tuning import expected_best_figures
+from harness.report.names import block_title, dataset_name, method_name, model_name, param_name, stage_name
+from harness.report.tuning import FOOTER_PT, expected_best_figures, shown_database, source_text
 from harness.sweep.protocol import PLACEHOLDERS, load_protocol, parse_stage_name
 
 Output = Tuple[Optional[Path], str]  # (file written or None, what it shows / why it is missing)
@@ -96,28 +102,46 @@ class ParamKinds:
 
 
 def footer(store_url: str, rows: Sequence[Dict[str, Any]], what: str, reruns: bool = True) -> List[str]:
-    """source_lines; for figures of sweep rows (any stage) the first line says so."""
-    lines = source_lines(store_url, rows, what)
+    """source_lines, the database named without the drawing machine's absolute path
+    (`tuning.shown_database`); for figures of sweep rows (any stage) the first line says so."""
+    shown = shown_database(store_url)
+    lines = source_lines(shown, rows, what)
     if not reruns:
-        lines[0] = f"Source: {what} from {len(rows)} row(s) (all stages) of {store_url}"
+        lines[0] = f"Source: {what} from {len(rows)} row(s) (all stages) of {shown}"
     return lines
 
 
 def save(fig, path: Path, lines: Sequence[str]) -> Path:
-    """Write `fig` as PNG with `lines` (its source) under everything else drawn."""
+    """Write `fig` as PNG with `lines` (its source) under everything else drawn, at a readable size
+    (FOOTER_PT), wrapped to the figure's width."""
     bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()  # below tick labels
-    fig.text(0.0, bottom - 0.02, "\n".join(lines), fontsize=6, va="top", ha="left", family="monospace")
+    fig.text(0.0, bottom - 0.02, source_text(lines, fig.get_figwidth()), fontsize=FOOTER_PT, va="top", ha="left",
+             family="monospace")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
 
-def arm_name(rows: Sequence[Dict[str, Any]]) -> str:
+def arm_label(rows: Sequence[Dict[str, Any]]) -> str:
     r = rows[0]
-    label = method_label(r["methods"]) if r["arm"] != STUDENT_ONLY else STUDENT_ONLY
+    return method_label(r["methods"]) if r["arm"] != STUDENT_ONLY else STUDENT_ONLY
+
+
+def arm_name(rows: Sequence[Dict[str, Any]]) -> str:
+    """A sweep's arm as the Markdown index (figures.md) names it: config keys."""
+    r = rows[0]
     teacher = f" <- {r['teacher']}" if r.get("teacher") else ""
-    return f"{label}: {r['student']}{teacher} on {r['dataset']}, budget {budget_of(r) or MISSING}"
+    return f"{arm_label(rows)}: {r['student']}{teacher} on {r['dataset']}, budget {budget_of(r) or MISSING}"
+
+
+def arm_title(rows: Sequence[Dict[str, Any]]) -> str:
+    """A sweep's arm as figure titles name it: 'CWD: PSPNet-R18 (¼ width) ← DeepLabV3-R18 (½ width),
+    Synthetic, quick budget' (paper names, `harness.report.names`)."""
+    r = rows[0]
+    teacher = f" ← {model_name(r['teacher'])}" if r.get("teacher") else ""
+    return (f"{method_name(arm_label(rows))}: {model_name(r['student'])}{teacher}, {dataset_name(r['dataset'])}, "
+            f"{budget_of(r) or MISSING} budget")
 
 
 def sweeps(store, filters: Optional[dict] = None) -> Dict[str, List[Dict[str, Any]]]:
@@ -165,35 +189,68 @@ def optimisation_history(store, out_dir: Path, filters: Optional[dict] = None) -
     out: List[Output] = []
     from matplotlib.ticker import MaxNLocator
 
+    is_rerun = RerunStages()
     for sweep_id, rows in found.items():
         stages = _stages(rows)
         fig, axes = _grid(len(stages))
         for ax, (stage, srows) in zip(axes, stages.items()):
-            best, best_line = -math.inf, []
-            for i, r in enumerate(srows, start=1):
-                v = r["final_miou"]
-                if r["status"] == "completed" and v is not None:
-                    ax.plot(i, 100 * v, "o", color="C0", ms=4)
-                    best = max(best, v)
-                elif r["status"] == "failed" or v is None:
+            series = history_series(srows, rerun=all(is_rerun(r)[0] for r in srows))
+            for i, v, status in series["points"]:
+                if status == "completed":
+                    ax.plot(i, v, "o", color="C0", ms=4)
+                elif status == "failed":
                     ax.plot(i, 0, "x", color="C3", ms=5, clip_on=False)
                 else:
-                    ax.plot(i, 100 * v, "o", mfc="none", color="0.5", ms=4)
-                best_line.append(100 * best if best > -math.inf else math.nan)
-            ax.step(range(1, len(srows) + 1), best_line, where="post", color="C1", lw=1)
+                    ax.plot(i, v, "o", mfc="none", color="0.5", ms=4)
+            if series["best_so_far"] is not None:
+                ax.step(range(1, len(srows) + 1), series["best_so_far"], where="post", color="C1", lw=1)
+            elif series["mean"] is not None:  # independent seeds: their mean +- sd, no search to follow
+                ax.axhline(series["mean"], color="C2", lw=1)
+                if series["sd"]:
+                    ax.axhspan(series["mean"] - series["sd"], series["mean"] + series["sd"], color="C2", alpha=0.15, lw=0)
             split = srows[0].get("split") or MISSING
-            ax.set_title(f"{stage} ({len(srows)} trials, {split})", fontsize=8)
-            ax.set_xlabel("trial (recording order)", fontsize=7)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel("mIoU (%)", fontsize=7)
-            ax.tick_params(labelsize=7)
-        fig.suptitle(f"Optimisation history -- {arm_name(rows)}\n"
-                     "filled: completed, hollow: stopped early (ASHA), x: failed; line: best so far", fontsize=9)
+            kind = "seed" if series["best_so_far"] is None else "trial"
+            ax.set_title(f"{stage_name(stage)}\n({len(srows)} {kind}{'s' if len(srows) != 1 else ''}, {split} split)",
+                         fontsize=9)
+            ax.set_xlabel("seed run (recording order)" if kind == "seed" else "trial (recording order)", fontsize=8)
+            if len(srows) <= 12:
+                ax.set_xticks(range(1, len(srows) + 1))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(0.5, len(srows) + 0.5)
+            ax.set_ylabel("mIoU (%)", fontsize=8)
+            ax.tick_params(labelsize=8)
+        fig.suptitle(f"Optimisation history: {arm_title(rows)}\n"
+                     "filled: completed, hollow: stopped early (ASHA), x: failed; orange: best so far; "
+                     "green: the seeds' mean ± sd", fontsize=10)
         fig.tight_layout()
         path = save(fig, out_dir / f"history_{slug(sweep_id)}.png",
                     footer(store.url, rows, f"optimisation history of sweep {sweep_id}", reruns=False))
         out.append((path, f"optimisation history per stage of {arm_name(rows)}"))
     return out
+
+
+def history_series(rows: Sequence[Dict[str, Any]], rerun: bool = False) -> Dict[str, Any]:
+    """What one panel of the history figure draws: ``points`` [(trial number, mIoU %, status)]
+    (status completed / pruned (also stopped) / failed, a failed one or one without mIoU at 0), and
+    either ``best_so_far`` (a search stage: the running best of the completed trials, NaN before the
+    first) or, for a rerun stage (independent seeds of one configuration, nothing to take the best
+    of), ``best_so_far`` None and the seeds' ``mean`` and ``sd`` (completed rows)."""
+    points, best, line = [], -math.inf, []
+    for i, r in enumerate(rows, start=1):
+        v = r["final_miou"]
+        if r["status"] == "failed" or v is None:
+            points.append((i, 0.0, "failed"))
+        elif r["status"] == "completed":
+            points.append((i, 100 * v, "completed"))
+            best = max(best, 100 * v)
+        else:
+            points.append((i, 100 * v, "pruned"))
+        line.append(best if best > -math.inf else math.nan)
+    done = [v for _, v, s in points if s == "completed"]
+    return {"points": points, "best_so_far": None if rerun else line,
+            "mean": statistics.fmean(done) if rerun and done else None,
+            "sd": statistics.stdev(done) if rerun and len(done) > 1 else (0.0 if rerun and done else None)}
 
 
 # --------------------------------------------------------------------------------- response
@@ -237,7 +294,7 @@ def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> Lis
             for status, style in (("completed", dict(color="C0")), ("pruned", dict(mfc="none", color="0.5"))):
                 xs = [x for x, _, s in points if (s == "completed") == (status == "completed")]
                 ys = [100 * y for _, y, s in points if (s == "completed") == (status == "completed")]
-                ax.plot(xs, ys, "o", ms=4, label=status if status == "completed" else "stopped early", **style)
+                ax.plot(xs, ys, "o", ms=4, label=status if status == "completed" else "stopped early (ASHA)", **style)
             by_value: Dict[float, List[float]] = {}
             for x, y, s in points:
                 if s == "completed":
@@ -247,12 +304,13 @@ def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> Lis
             values = [x for x, _, _ in points]
             if min(values) > 0 and max(values) / min(values) >= 4:
                 ax.set_xscale("log", base=2 if kind == "temperature" else 10)
-            ax.set_xlabel(path, fontsize=7)
-            ax.set_ylabel(f"mIoU (%), {stage_rows[0].get('split') or MISSING} split", fontsize=7)
-            ax.set_title(f"{'temperature' if kind == 'temperature' else 'loss weight'}: {stage}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
-        fig.suptitle(f"Response curves -- {arm_name(rows)}", fontsize=9)
+            ax.set_xlabel(param_name(path), fontsize=8)
+            ax.set_ylabel(f"mIoU (%), {stage_rows[0].get('split') or MISSING} split", fontsize=8)
+            ax.set_title(f"{param_name(path)}" + (f"\n(stage: {stage_name(stage)})" if stage_name(stage) != param_name(path)
+                                                  else ""), fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Response curves: {arm_title(rows)}", fontsize=10)
         fig.tight_layout()
         path = save(fig, out_dir / f"response_{slug(sweep_id)}.png",
                     footer(store.url, used, f"response curves of sweep {sweep_id}", reruns=False))
@@ -270,26 +328,35 @@ def block_slug(block: Block) -> str:
 def seed_distributions(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
     if not blocks:
         return [(None, f"per-seed distributions: no completed rerun rows in {store.url}")]
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     out: List[Output] = []
     for block in blocks:
         labels = list(block.arms)
-        fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2.5, 3.4))
+        seeds = sorted({r["seed"] for arm in block.arms.values() for r in arm.rows if r.get("seed") is not None},
+                       key=lambda x: (str(type(x)), x))
+        place = seed_offsets(seeds)
+        fig, ax = plt.subplots(figsize=(1.5 * len(labels) + 3.2, 3.8))
         for i, label in enumerate(labels):
             arm = block.arms[label]
-            pts = [(r["seed"], 100 * r["final_miou"]) for r in arm.rows]
-            offsets = [0.15 * ((j % 5) - 2) / 2 for j in range(len(pts))]
-            ax.plot([i + o for o in offsets], [v for _, v in pts], "o", color=f"C{i % 10}", ms=5)
-            for o, (seed, v) in zip(offsets, pts):
-                ax.annotate(str(seed), (i + o, v), fontsize=6, xytext=(3, 0), textcoords="offset points")
+            for r in arm.rows:
+                ax.plot(i + place.get(r["seed"], 0.0), 100 * r["final_miou"], seed_marker(seeds, r["seed"]),
+                        color=f"C{i % 10}", ms=6, mec="k", mew=0.4)
             if arm.mean is not None:
                 std = arm.std or 0.0
-                ax.errorbar(i + 0.3, 100 * arm.mean, yerr=100 * std, fmt="_", color="k", capsize=3)
+                ax.errorbar(i + 0.36, 100 * arm.mean, yerr=100 * std, fmt="_", color="k", capsize=3, ms=10)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([f"{l}\n[{block.row_id(l)}]\nn={block.arms[l].n}" for l in labels], fontsize=7)
+        ax.set_xticklabels([f"{method_name(l)}\n[{block.row_id(l)}]\nn={block.arms[l].n}" for l in labels], fontsize=8)
         ax.set_xlim(-0.6, len(labels) - 0.4)
-        ax.set_ylabel("val mIoU (%)", fontsize=8)
-        ax.set_title(f"Per-seed val mIoU (labels: seed; bar: mean +- std)\n{block.title}", fontsize=9)
+        ax.set_ylabel("val mIoU (%)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.set_title(f"Per-seed val mIoU (black bar: mean ± sd)\n{block_title(block)}", fontsize=10)
+        if seeds:
+            handles = [Line2D([], [], ls="none", marker=seed_marker(seeds, s), color="0.6", mec="k", mew=0.4,
+                              label=f"seed {s}") for s in seeds]
+            ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                      title="marker, left to right", title_fontsize=8)
         if block.baseline is None:
             ax.text(0.5, 0.02, "no student-only rerun rows for this block", transform=ax.transAxes,
                     ha="center", fontsize=7, color="C3")
@@ -297,6 +364,22 @@ def seed_distributions(store, blocks: Sequence[Block], out_dir: Path) -> List[Ou
                     footer(store.url, block.rows, "per-seed val mIoU"))
         out.append((path, f"per-seed distributions of {block.title}"))
     return out
+
+
+SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def seed_offsets(seeds: Sequence[Any], span: float = 0.5) -> Dict[Any, float]:
+    """seed -> its horizontal offset within an arm's slot: the same place in every arm (the seeds pair
+    the arms), spread evenly over `span`, so two seeds never share a spot."""
+    if len(seeds) <= 1:
+        return {s: 0.0 for s in seeds}
+    step = span / (len(seeds) - 1)
+    return {s: -span / 2 + k * step - 0.06 for k, s in enumerate(seeds)}
+
+
+def seed_marker(seeds: Sequence[Any], seed: Any) -> str:
+    return SEED_MARKERS[list(seeds).index(seed) % len(SEED_MARKERS)] if seed in seeds else "o"
 
 
 # --------------------------------------------------------------------------------- Pareto
@@ -323,7 +406,7 @@ def pareto(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
             if e["kwh"] is None or arm.mean is None:
                 absent.append(f"{label} ({'flagged GPU energy' if e['flagged'] else 'no energy recorded'})")
                 continue
-            names.append(label)
+            names.append(method_name(label))
             pts.append((e["kwh"], 100 * arm.mean))
             errs.append((e["kwh_std"] or 0.0, 100 * (arm.std or 0.0)))
         if block.teacher is not None:
@@ -331,29 +414,30 @@ def pareto(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
                                                        for r in a.rows])
             t = run_energy(t_rows)
             if t["kwh"] is not None and t_miou is not None:
-                names.append(f"teacher {block.teacher}")
+                names.append(f"Teacher {model_name(block.teacher)}")
                 pts.append((t["kwh"], 100 * t_miou))
                 errs.append((0.0, 0.0))
             else:
                 absent.append(f"teacher ({why or 'no energy recorded'})")
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        markers = "osD^vP<>Xh"
         for i, (name, (x, y), (dx, dy)) in enumerate(zip(names, pts, errs)):
-            ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="s" if name.startswith("teacher") else "o",
-                        color=f"C{i % 10}", capsize=2, ms=5)
-            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, color=f"C{i % 10}", capsize=2, ms=6, lw=1,
+                        fmt="*" if name.startswith("Teacher") else markers[i % len(markers)], label=name)
         front = pareto_front(pts)
         if front:
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="0.4", lw=1,
                     label="Pareto front")
-            ax.legend(fontsize=7, loc="lower right")
-        if pts:
+        if pts:  # a legend, not point labels: arms close in energy and mIoU cannot collide
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
             ax.set_xscale("log")
-        ax.set_xlabel("training energy per run (kWh, mean over seeds)", fontsize=8)
-        ax.set_ylabel("val mIoU (%)", fontsize=8)
-        ax.set_title(f"mIoU vs training energy\n{block.title}", fontsize=9)
+        ax.set_xlabel("training energy per run (kWh, mean ± sd over seeds)", fontsize=9)
+        ax.set_ylabel("val mIoU (%), mean ± sd", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.set_title(f"mIoU vs training energy\n{block_title(block)}", fontsize=10)
         if absent:
-            ax.text(0.01, 0.98, "not drawn: " + "; ".join(absent), transform=ax.transAxes, va="top",
-                    fontsize=6, color="C3", wrap=True)
+            ax.text(0.0, -0.22, "not drawn: " + "; ".join(absent), transform=ax.transAxes, va="top",
+                    fontsize=8, color="C3")
         if not pts:
             ax.text(0.5, 0.5, "no arm of this block has a training energy", transform=ax.transAxes,
                     ha="center", fontsize=8)
@@ -381,19 +465,19 @@ def entropy_histograms(store_url: str, entropies: Sequence[Any], out_dir: Path) 
         width = edges[1] - edges[0]
         for ax, tau in zip(axes, temperatures):
             ax.bar(edges[:-1], [100 * s for s in e.shares[tau]], width=width, align="edge", color="C0")
-            ax.set_title(f"tau = {tau:g}", fontsize=8)
+            ax.set_title(f"τ = {tau:g}", fontsize=9)
             ax.set_xlabel("entropy (nats)", fontsize=7)
             ax.set_xlim(0, edges[-1])
             ax.tick_params(labelsize=7)
         axes[0].set_ylabel("share of pixels (%)", fontsize=7)
         k = e.classes
-        fig.suptitle(f"Entropy of the teacher's softmax(z / tau): {e.teacher} on "
-                     f"{e.dataset} ({e.images} val images, {e.pixels:,} pixels, "
+        fig.suptitle(f"Entropy of the teacher's softmax(z / τ): {model_name(e.teacher)} on "
+                     f"{dataset_name(e.dataset)} ({e.images} val images, {e.pixels:,} pixels, "
                      f"{k} classes, max ln {k} = {math.log(k):.2f})", fontsize=9)
         fig.tight_layout()
         lines = [f"Source: teacher checkpoint {e.checkpoint or 'from the cache, key ' + e.key}, "
                  f"budget {e.budget}; first {e.images} images of the val split (paper 003 Figure 1 "
-                 f"used 800 Cityscapes images)"] + source_lines(store_url, [], "")[-1:]
+                 f"used 800 Cityscapes images)"] + source_lines(shown_database(store_url), [], "")[-1:]
         path = save(fig, out_dir / f"entropy_{slug(e.teacher)}_{e.key}.png", lines)
         out.append((path, f"entropy histogram of {e.teacher} at tau {', '.join(map(str, temperatures))}"))
     return out
@@ -424,7 +508,7 @@ def qualitative_grid(store_url: str, grid: Any, out_dir: Path) -> Path:
                bbox_to_anchor=(0.5, 0.005))
     fig.suptitle(grid.title, fontsize=9)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
-    lines = source_lines(store_url, grid.rows, "qualitative grid") + [
+    lines = source_lines(shown_database(store_url), grid.rows, "qualitative grid") + [
         "Students: weights retrained from the stored configuration of each arm's first seed "
         "(harness.reproduce), cached in <paths.cache>/show/"] + [f"Note: {x}" for x in grid.notes]
     return save(fig, Path(out_dir) / grid.name, lines)

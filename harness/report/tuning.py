@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from harness.report.blocks import STUDENT_ONLY, Arm, Block, RerunStages, is_control, source_lines
+from harness.report.names import block_title, method_name
 
 Output = Tuple[Optional[Path], str]  # as in harness.report.figures
 
@@ -278,10 +279,26 @@ def _pyplot():
     return plt
 
 
+FOOTER_PT = 8  # the source lines under every figure: readable in print
+
+
+def source_text(lines: Sequence[str], fig_width_in: float) -> str:
+    """The footer lines wrapped to the figure's width (monospace at FOOTER_PT: about 0.6 em a
+    character), continuation lines indented."""
+    import textwrap
+
+    width = max(60, int(fig_width_in * 72 / (0.6 * FOOTER_PT)))
+    out: List[str] = []
+    for line in lines:
+        out += textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False) or [""]
+    return "\n".join(out)
+
+
 def _save(fig, path: Path, lines: Sequence[str]) -> Path:
     """As harness.report.figures.save: PNG with its source under everything drawn."""
     bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
-    fig.text(0.0, bottom - 0.02, "\n".join(lines), fontsize=6, va="top", ha="left", family="monospace")
+    fig.text(0.0, bottom - 0.02, source_text(lines, fig.get_figwidth()), fontsize=FOOTER_PT, va="top", ha="left",
+             family="monospace")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
@@ -315,7 +332,7 @@ def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List
         if not found:
             out.append((None, f"expected best vs tuning budget of {block.title}: no trial rows in its arms' sweeps"))
             continue
-        fig, ax = plt.subplots(figsize=(6.0, 3.8))
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
         student = found.get(STUDENT_ONLY)
         said = []
         for i, label in enumerate(sorted(block.arms, key=_leaderboard_order)):
@@ -327,7 +344,7 @@ def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List
             curve = t.curve
             ys = [100 * v for v in curve]
             color = f"C{i % 10}"
-            name = f"{label} [{block.row_id(label)}]: {t.describe()}"
+            name = f"{method_name(label)} [{block.row_id(label)}]: {t.describe()}"
             if label != STUDENT_ONLY and student is not None:
                 n = smallest_budget_above(curve, student.curve)
                 above = f"above student-only from n = {n}" if n else "above student-only: never"
@@ -336,20 +353,23 @@ def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List
                 if n and n > 1:
                     ax.axvline(n, color=color, ls=":", lw=1)
             ax.plot(xs, ys, "-" if not t.lower_bound else "--", marker="o", ms=3, color=color, label=name)
-        ax.set_xlabel("tuning trials n", fontsize=8)
-        ax.set_ylabel("expected best tune mIoU (%)", fontsize=8)
+        ax.set_xlabel("tuning trials n", fontsize=9)
+        ax.set_ylabel("expected best tune mIoU (%)", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower right")
-        ax.set_title(f"Expected best tune mIoU vs tuning budget\n{block.title}", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.set_title(f"Expected best tune mIoU vs tuning budget\n{block_title(block)}", fontsize=10)
         fig.tight_layout()
+        # below the axes (after the layout, which would shrink the axes for it), one arm a line:
+        # inside, the legend hid the curves it names
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(-0.1, -0.15), frameon=False, ncol=1)
         rows = [r for t in found.values() for r in t.rows]
         lines = source_lines(shown_database(store.url), rows, "")
         lines[0] = (f"Source: expected best of n trials from {len(rows)} trial row(s) (search stages, tune split) "
                     f"of {shown_database(store.url)}")
         lines.insert(1, "Estimator: mean over all n-subsets of the arm's trials of their best (Tang et al. 2020, "
                         "unbiased; Dodge et al. 2019); dashed: pruned trials at their cut value, a lower bound")
-        notes = said + [n for t in tuning.values() for n in t.notes]
+        # the legend already says which arm is above the student-only arm from which n
+        notes = [x for x in said if x.endswith("no trial rows")] + [n for t in tuning.values() for n in t.notes]
         lines += [f"Note: {n}" for n in dict.fromkeys(notes)]
         path = _save(fig, Path(out_dir) / f"tuning_{_block_slug(block)}.png", lines)
         out.append((path, f"expected best tune mIoU vs tuning budget of {block.title}"
