@@ -276,8 +276,9 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "export": (cmd_export, "every row of the results database as JSON Lines (one row a line, oldest first, exact "
                            "floats), to stdout or out=PATH; read-only; redact=/abs/dir,... hides those directories; "
                            "store.url=<file>.jsonl reads such a file back (read-only)"),
-    "reproduce": (cmd_reproduce, "reproduce <row-id> [--seed N]: re-run the configuration behind a leaderboard "
-                                 "row and compare with the stored value"),
+    "reproduce": (cmd_reproduce, "reproduce <row-id | run-id> [--seed N]: re-run the configuration behind a leaderboard "
+                                 "row or a stored run and compare with the stored value; a pruned or failed trial is "
+                                 "replayed on its split to the iteration where it stopped"),
     "leaderboard": (cmd_leaderboard, "results/leaderboard.{md,csv,tex} from the rerun rows: mean +- std, paired lift with "
                                      "t interval, Holm-corrected p, effect size, P(improvement), detectable lift, energy, params/FLOPs/latency; filters "
                                      "dataset= student= teacher= budget= +method= test=t|permutation"),

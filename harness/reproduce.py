@@ -17,6 +17,16 @@ The new value is printed next to the stored one, with whether final mIoU, per-cl
 evaluation history are identical. The new run is not written to the database (it would count as a
 second rerun of the same seed); exit status 0 when identical, 1 when not, 2 for a bad id or seed.
 
+A run that did not finish (a sweep trial `pruned` by early stopping, or `failed`/`stopped`: the
+run id of any such row) is replayed as far as it went: its stored configuration (a trial's: on its
+own split, `tune`, with its own threads) to the iteration where it stopped (`iterations`), the
+training otherwise unchanged (the learning-rate schedule still spans `budget.iterations`). The
+mIoU at that iteration is compared with the stored one (its `history_json` entry, or for a row the
+sweep's driver wrote, which has no history, the last reported value it stored as `final_miou`),
+and so is the history up to there; a failed run that diverged must fail again with the same reason.
+When there is nothing to replay or compare (a row without a stored config, a trial that crashed
+before its first evaluation) it says why, exit 2.
+
 `--weights` measures the run's saved final student instead (`<paths.results>/checkpoints/<run_id>/final.pt`,
 found by the row's run id): the same evaluator on the stored config's split, seconds instead of a
 training, and final mIoU and per-class IoU compared (a history needs the training). When the file
@@ -132,6 +142,65 @@ def reproduce(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str
     return {"stored": row, "new": new, "same": same, "config": cfg, "model": result.model}
 
 
+STOPPED = ("pruned", "failed", "stopped")  # rows of runs that did not train to the end
+COLLAPSE = "tune mIoU collapsed"            # the sweep's collapse rule (sweep.trial.CollapseRule): not replayed
+
+
+def _history_to(history: Optional[List[Dict[str, Any]]], stop: int) -> List[Tuple[int, float]]:
+    return [(h["iteration"], h["miou"]) for h in history or [] if h["iteration"] <= stop]
+
+
+def stopped_reference(row: Dict[str, Any]) -> Tuple[int, Optional[float], List[Tuple[int, float]]]:
+    """(stop iteration, stored mIoU at it or None, stored history up to it) of a row that did not
+    finish; UsageError (exit 2) saying why when it cannot be replayed."""
+    from harness.errors import UsageError
+
+    what = f"run {row['run_id']} ({row['status']}" + (f": {row['failure_reason']}" if row.get("failure_reason") else "") + ")"
+    stop = row.get("iterations")
+    if not isinstance(stop, int) or stop < 1:
+        raise UsageError(f"cannot reproduce {what}: it stopped before its first iteration was recorded "
+                         f"(iterations {stop!r}), so there is no stored mIoU to compare a replay with")
+    history = _history_to(row.get("history_json"), stop)
+    at_stop = dict(history).get(stop)
+    if at_stop is None and not row.get("history_json"):  # a row the sweep's driver wrote: the last reported value
+        at_stop = row.get("final_miou")
+    if at_stop is None and not history and not _diverged(row):
+        raise UsageError(f"cannot reproduce {what}: no {row.get('split') or 'tune'} mIoU was stored for it (no evaluation "
+                         f"history and no last reported value; it ended before its first evaluation at iteration {stop})")
+    return stop, at_stop, history
+
+
+def _diverged(row: Dict[str, Any]) -> bool:
+    """A failed run that ended by itself (a non-finite loss), not by the collapse rule or a crash."""
+    reason = row.get("failure_reason") or ""
+    return row["status"] == "failed" and bool(row.get("history_json") is not None) and not reason.startswith(COLLAPSE)
+
+
+def reproduce_stopped(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None,
+                      command: str = "") -> Dict[str, Any]:
+    """Replay a run that did not finish to the iteration where it stopped, on its own split;
+    {stored, new (record), same: {miou_at_stop, history, failure (whichever apply)}, config, model, stop}."""
+    from harness.engine.teacher import teacher_for
+    from harness.engine.train import run
+
+    stop, at_stop, history = stopped_reference(row)
+    cfg = reproduction_config(row, current, device)
+    cfg["checkpoint"] = {**(cfg.get("checkpoint") or {}), "final": False, "every": 0}  # leave the run's files alone
+    result = run(cfg, teacher=teacher_for(cfg, command), command=command, resume=False,
+                 callback=lambda iteration, metrics: True if iteration >= stop else None)
+    new = result.record
+    replayed = _history_to(new.history_json, stop)
+    same: Dict[str, bool] = {}
+    if at_stop is not None:
+        same["miou_at_stop"] = dict(replayed).get(stop) == at_stop
+    if history:
+        same["history"] = replayed == history
+    if _diverged(row):
+        same["failure"] = new.status == "failed" and new.failure_reason == row["failure_reason"]
+    return {"stored": row, "new": new, "same": same, "config": cfg, "model": result.model, "stop": stop,
+            "stored_at_stop": at_stop, "new_at_stop": dict(replayed).get(stop)}
+
+
 def from_weights(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Measure `row`'s saved final student as its run measured it; None when no final.pt was saved.
     The same shape as `reproduce`'s answer (`same` without the history)."""
@@ -172,8 +241,13 @@ def main(args: List[str]) -> int:
         raise UsageError(f"'{ident}' is neither a leaderboard row id nor a run id in {store.url}. "
                          f"Known row ids: {listing}")
     row = pick(rows, seed)
+    if not row.get("config_json"):
+        raise UsageError(f"cannot reproduce run {row['run_id']}: the row has no stored configuration (config_json), "
+                         f"so what it trained is unknown")
     print(f"reproducing {what}: run {row['run_id']} ({row['arm']}, seed {row['seed']}, split {row['split']})")
     command = "python -m harness reproduce " + " ".join(shlex.quote(a) for a in args)
+    if row["status"] in STOPPED:
+        return _main_stopped(row, current, device, command, flags)
     result = None
     if "--weights" in flags and "--retrain" not in flags:
         from harness.engine.checkpoint import final_path
@@ -194,4 +268,27 @@ def main(args: List[str]) -> int:
     diff = (new["final_miou"] - row["final_miou"]) if None not in (new["final_miou"], row["final_miou"]) else None
     print(f"  identical      no ({', '.join(k for k, v in same.items() if not v)} differ"
           + (f"; difference {100 * diff:+.6f} mIoU points" if diff is not None else "") + ")", file=sys.stdout)
+    return 1
+
+
+def _main_stopped(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str], command: str, flags) -> int:
+    """`main` for a run that did not finish: replay it to where it stopped and compare there."""
+    stop, _, _ = stopped_reference(row)  # says why not (exit 2) before anything trains
+    if "--weights" in flags and "--retrain" not in flags:
+        print(f"  weights        a {row['status']} run saved no final student; replaying its training instead")
+    result = reproduce_stopped(row, current, device, command)
+    new, same = result["new"], result["same"]
+    split = result["config"]["eval_split"]
+    print(f"  configuration  stored config_json of that run (hash {row['config_hash']}), device "
+          f"{result['config']['device']}, threads {result['config']['threads']}, split {split}")
+    print(f"  stopped        {row['status']} at iteration {stop} of {result['config']['budget']['iterations']}"
+          + (f" ({row['failure_reason']})" if row.get("failure_reason") else "") + f"; replayed to iteration {stop}")
+    print(f"  stored         {split} mIoU at iteration {stop} {_pct(result['stored_at_stop'])}  "
+          f"(recorded {row['created_at']}, commit {row['git_commit']})")
+    print(f"  reproduced     {split} mIoU at iteration {stop} {_pct(result['new_at_stop'])}  (status {new.status}"
+          + (f": {new.failure_reason}" if new.status == "failed" else "") + ")")
+    if all(same.values()):
+        print(f"  identical      yes: {', '.join(k.replace('_', ' ') for k in same)} match exactly")
+        return 0
+    print(f"  identical      no ({', '.join(k for k, v in same.items() if not v)} differ)")
     return 1
