@@ -110,7 +110,7 @@ def _blocks(store, filters, blocks=None):
     return load_blocks(store, **filters.selection()) if blocks is None else blocks
 
 
-def write_leaderboard(cfg, store, filters, blocks=None) -> None:
+def write_leaderboard(cfg, store, filters, blocks=None, quiet: bool = False):
     """The leaderboard; the latency is the stored one (<paths.cache>/efficiency/, measured once per
     model and device when missing; report.remeasure=true measures again; report.measure=false: none)."""
     from pathlib import Path
@@ -122,27 +122,27 @@ def write_leaderboard(cfg, store, filters, blocks=None) -> None:
     rep = cfg["report"]
     latency = ("remeasure" if rep.get("remeasure") else "stored") if rep["measure"] else False
     efficiency = for_blocks(blocks, latency=latency, cache=Path(cfg["paths"]["cache"]) / "efficiency")
-    leaderboard.write(cfg, store, filters, blocks, efficiency=efficiency)
+    return leaderboard.write(cfg, store, filters, blocks, efficiency=efficiency, quiet=quiet)
 
 
-def write_significance(cfg, store, filters, blocks=None) -> None:
+def write_significance(cfg, store, filters, blocks=None, quiet: bool = False):
     from harness.report import significance
 
-    significance.write(cfg, store, filters, _blocks(store, filters, blocks))
+    return significance.write(cfg, store, filters, _blocks(store, filters, blocks), quiet=quiet)
 
 
-def write_literature(cfg, store, filters, blocks=None) -> None:
+def write_literature(cfg, store, filters, blocks=None, quiet: bool = False):
     from harness.report import literature
 
-    literature.write(cfg, store, filters)  # our lifts come from every block, whatever the filters
+    return literature.write(cfg, store, filters, quiet=quiet)  # our lifts come from every block, whatever the filters
 
 
-def write_energy(cfg, store, filters, blocks=None) -> None:
+def write_energy(cfg, store, filters, blocks=None, quiet: bool = False):
     from harness.measure.energy import inference_for_blocks
     from harness.report import energy
 
     blocks = _blocks(store, filters, blocks)
-    energy.write(cfg, store, blocks, inference_for_blocks(cfg, blocks), filters)
+    return energy.write(cfg, store, blocks, inference_for_blocks(cfg, blocks), filters, quiet=quiet)
 
 
 def write_figures(cfg, store, filters, blocks=None) -> None:
@@ -157,30 +157,85 @@ def write_figures(cfg, store, filters, blocks=None) -> None:
     print(f"  index: {Path(cfg['paths']['reports']) / 'figures.md'}")
 
 
-def write_across(cfg, store, filters, blocks=None) -> None:
+def write_across(cfg, store, filters, blocks=None, quiet: bool = False):
     from harness.report import across
 
-    across.write(cfg, store, filters, _blocks(store, filters, blocks))
+    return across.write(cfg, store, filters, _blocks(store, filters, blocks), quiet=quiet)
 
 
 REPORT_PARTS = {"leaderboard": write_leaderboard, "significance": write_significance,
                 "literature": write_literature, "energy": write_energy, "across": write_across}
 
 
+def _written(paths) -> str:
+    """The paths a report part returned (a path, or {ext: path}), relative to here where shorter."""
+    from pathlib import Path
+
+    items = list(paths.values()) if isinstance(paths, dict) else [paths] if paths else []
+    out = []
+    for p in items:
+        try:
+            out.append(str(Path(p).resolve().relative_to(Path.cwd())))
+        except ValueError:
+            out.append(str(p))
+    return ", ".join(out)
+
+
+def lift_summary(paths) -> List[str]:
+    """One line per comparison of the leaderboard just written (its CSV): the distilled arm's lift over
+    the tuned student with its 95% interval, Holm p and seeds (and the lift at equal compute, if any)."""
+    import csv
+    import math
+
+    csv_path = paths.get("csv") if isinstance(paths, dict) else None
+    if not csv_path or not os.path.exists(csv_path):
+        return []
+
+    def num(row, key):
+        try:
+            v = float(row.get(key) or "nan")
+        except ValueError:
+            return None
+        return None if math.isnan(v) else v
+
+    lines = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            lift = num(row, "lift_pct")
+            if row.get("arm") == "student-only" or lift is None:
+                continue
+            lo, hi, p = num(row, "lift_ci_low_pct"), num(row, "lift_ci_high_pct"), num(row, "p_holm")
+            ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else ""
+            text = (f"  {row.get('methods') or row.get('arm')}: {row.get('student')} <- {row.get('teacher')} on "
+                    f"{row.get('dataset')} ({row.get('budget')}): lift {lift:+.2f}{ci} mIoU points, "
+                    f"p(Holm) {'n/a' if p is None else f'{p:.3g}'}, n={row.get('n')}")
+            eq = num(row, "lift_equal_time_pct")
+            if eq is not None:
+                text += f"; at equal time {eq:+.2f}"
+            if (row.get("tuning_budget") or "").startswith("unequal"):
+                text += "; unequal tuning budget"
+            lines.append(text)
+    return lines
+
+
 def report_all(cfg, store, filters) -> int:
     """Every table, then the figures (`report`, and the end of `sweep`): a part that fails is
-    reported and the others still run (exit 1); a ConfigError stops everything (exit 2)."""
+    reported and the others still run (exit 1); a ConfigError stops everything (exit 2). Prints the
+    paths it wrote and one line per comparison, not the tables (`python -m harness leaderboard`
+    prints the leaderboard itself)."""
     import traceback
 
     try:
         blocks = _blocks(store, filters)  # read once, shared by every part
     except Exception:  # noqa: BLE001 - then each part reads on its own and reports its failure
         blocks = None
-    status = 0
+    status, summary = 0, []
     for name, part in REPORT_PARTS.items():
-        print(f"[report] {name}", flush=True)
         try:
-            part(cfg, store, filters, blocks)
+            paths = part(cfg, store, filters, blocks, quiet=True)
+            print(f"[report] {name}: {_written(paths)}", flush=True)
+            if name == "leaderboard":
+                summary = lift_summary(paths)
         except ConfigError:
             raise
         except Exception:  # noqa: BLE001 - one broken part must not hide the others
@@ -189,6 +244,10 @@ def report_all(cfg, store, filters) -> int:
             status = 1
     print("[report] figures", flush=True)
     write_figures(cfg, store, filters, blocks)
+    print("[report] lifts (distilled arm - tuned student-only arm, paired 95% CI):" if summary else
+          "[report] no comparison with completed reruns yet")
+    for line in summary:
+        print(line)
     return status
 
 

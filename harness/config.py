@@ -222,6 +222,10 @@ class SweepConfig:
     max_failures: int = param(1, low=0)
     collapse_fraction: float = param(0.5, low=0, high=1)
     estimate_tflops: float = param(100.0, low=0, low_open=True)  # effective training TFLOP/s of one GPU, for the --dry-run estimate
+    # every trial also recorded in an Optuna study of this RDB storage (optuna-dashboard URL);
+    # auto: sqlite:///<paths.results>/optuna.db; null: none (harness/sweep/studies.py)
+    optuna_storage: Optional[str] = param("auto", doc="SQLAlchemy URL of the Optuna storage the sweep records "
+                                          "its studies in; auto: sqlite:///<paths.results>/optuna.db; null: none")
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -513,6 +517,7 @@ def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
     if len(d["class_names"]) != d["num_classes"]:
         raise ConfigError(f"dataset '{d['name']}' lists {len(d['class_names'])} class names "
                           f"but num_classes = {d['num_classes']}")
+    _check_optuna_storage(cfg["sweep"].get("optuna_storage"))
     from harness.models import check_model_config
 
     for section in ("student", "teacher"):
@@ -522,6 +527,23 @@ def _check_invariants(cfg: Dict[str, Any], check_data: bool = True) -> None:
             raise ConfigError(f"{section} '{cfg[section]['name']}': {e}") from None
         if check_data:
             _check_pretrained(cfg[section], section)
+
+
+def _check_optuna_storage(url: Optional[str]) -> None:
+    """`sweep.optuna_storage`: null, auto, or an SQLAlchemy URL (an RDB storage optuna-dashboard opens)."""
+    if url is None or url == "auto":
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None
+    if parsed is None or "://" not in url or parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"'sweep.optuna_storage' must be an SQLAlchemy URL of a database file or server "
+                          f"(e.g. sqlite:///results/optuna.db), auto (sqlite:///<paths.results>/optuna.db) or null "
+                          f"(no Optuna storage), got '{url}'")
 
 
 def _absolutise_paths(cfg: Dict[str, Any]) -> None:
@@ -545,6 +567,8 @@ def _absolutise_paths(cfg: Dict[str, Any]) -> None:
                 cfg[section][key] = str(Path(value).expanduser().resolve())
     if cfg["store"]["url"] is None:
         cfg["store"]["url"] = "sqlite:///" + str(Path(cfg["paths"]["results"]) / "harness.db")
+    if cfg["sweep"].get("optuna_storage") == "auto":
+        cfg["sweep"]["optuna_storage"] = "sqlite:///" + str(Path(cfg["paths"]["results"]) / "optuna.db")
 
 
 def _check_pretrained(model: Dict[str, Any], section: str) -> None:

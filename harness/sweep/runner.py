@@ -35,6 +35,7 @@ from harness.sweep.budget import (Budget, arm_budget, at_least, auto_seeds_decis
                                   unequal)
 from harness.sweep.protocol import (COMPUTE_MATCHED, RERUN, Protocol, Stage, check_paths, expand_space,
                                     hashed_stages, load_protocol, parse_stage_name, sub_stage_name)
+from harness.sweep.studies import Studies
 from harness.sweep.trial import SEARCH_KEY, TrialSpec, trainable
 
 FINISHED = ("completed", "pruned", "failed")
@@ -101,6 +102,8 @@ class Sweep:
     tuning: Dict[str, Dict[str, List[Dict[str, Any]]]] = field(default_factory=dict)  # arm -> unit -> counted rows
     seeds: Dict[str, List[int]] = field(default_factory=dict)  # rerun stage -> the seeds both arms reran
     matched: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # measure -> compute-matched result
+    studies: Optional[Studies] = None  # the Optuna storage every finished trial is copied to (studies.py)
+    progress: Optional["Progress"] = None  # counts for the per-trial progress line (trials, ETA)
 
     def budget(self, arm: str) -> Budget:
         """The arm's tuning budget so far: the rows its winners were chosen from."""
@@ -205,7 +208,12 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
     if any("distilled" in s.arms for s in protocol.stages):  # trained once, before any trial
         teacher_for(cfg, command)
 
-    sweep = Sweep(cfg, protocol, ids, store, command, cuts={arm: first_cut(cfg, protocol, arm) for arm in ids})
+    sweep = Sweep(cfg, protocol, ids, store, command, cuts={arm: first_cut(cfg, protocol, arm) for arm in ids},
+                  studies=Studies(cfg["sweep"].get("optuna_storage")), progress=Progress(planned_trials(cfg)))
+    if sweep.studies.url:
+        from harness.store import shown_url
+
+        say(f"  optuna studies: {shown_url(sweep.studies.url)}  (optuna-dashboard {shown_url(sweep.studies.url)})")
     winners: Dict[Tuple[str, str], Winner] = {}
     started = time.time()
     searches = [s for s in protocol.stages if s.is_search]
@@ -537,9 +545,16 @@ def _run_unit(sweep: Sweep, unit: StageRun, quiet: bool = False) -> List[Dict[st
         more = f" (the arm's sequence holds {len(done)})" if not unit.points and len(done) > total else ""
         say(f"[{unit.name}] {unit.arm}: {have}/{total} trials already in the database "
             f"({unit.arm_id}){more}, {verb}; {remaining} to run")
+    if sweep.progress is not None:
+        sweep.progress.start_unit(unit, total, done)
+    if sweep.studies is not None:
+        sweep.studies.record(unit, done)  # rows of an earlier (killed) run first: the study keeps stored order
     if remaining:
         launch(sweep, unit, todo, remaining, sequence_order(done))
-    return _stored(sweep, unit)
+    rows = _stored(sweep, unit)
+    if sweep.studies is not None:
+        sweep.studies.record(unit, rows)  # whatever the callback could not add (nothing, normally)
+    return rows
 
 
 def launch(sweep: Sweep, unit: StageRun, todo, remaining: int, done) -> None:
@@ -783,9 +798,15 @@ class RecordCallback(_callback_base()):
     def __init__(self, sweep: Sweep, unit: StageRun, spec: TrialSpec, evaluations: int):
         self.sweep, self.unit, self.spec, self.evaluations = sweep, unit, spec, evaluations
         self.started: Dict[str, float] = {}
+        self.reported: Dict[str, Dict[int, float]] = {}  # run id -> {iteration: mIoU} reported to Tune
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("failed") or result.get("iteration") is None or result.get("miou") is None:
+            return
+        self.reported.setdefault(self.spec.run_id(trial.trial_id), {})[int(result["iteration"])] = float(result["miou"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=None)
@@ -815,13 +836,74 @@ class RecordCallback(_callback_base()):
                                      if k != "run_id"})
             store_record(cfg, record)
             row = record.as_row()
+        if self.sweep.studies is not None:
+            self.sweep.studies.record(self.unit, [row], self.reported)
         shown = {k.split(".")[-1] if k.startswith("optim.") else k: _fmt(v)
                  for k, v in row["params_json"].items() if k not in self.unit.fixed or k in self.unit.space or k == "seed"}
         miou = row["final_miou"]
-        say(f"  [{self.unit.name}] {self.unit.arm:<12} {trial.trial_id}  "
+        took = time.time() - self.started.get(trial.trial_id, time.time())
+        status = self.sweep.progress.finished(row, took) if self.sweep.progress is not None else ""
+        say(f"  [{self.unit.name}] {self.unit.arm:<12} {trial.trial_id}  {status}"
             f"{' '.join(f'{k}={v}' for k, v in shown.items()):<40} {self.unit.stage.split} mIoU "
             f"{'  n/a' if miou is None else f'{100 * miou:5.2f}'}  {row['status']}"
-            + (f" ({row['failure_reason']})" if row["status"] == "failed" else ""))
+            + (f" ({row['failure_reason']})" if row["status"] == "failed" else "")
+            + (self.sweep.progress.tail(self.sweep.cfg["sweep"]["max_concurrent_trials"])
+               if self.sweep.progress is not None else ""))
+
+
+class Progress:
+    """What the per-trial line says besides the trial: trial k/N of its unit, the unit's best so far, the
+    sweep's elapsed time and the ETAs of the unit and of the sweep: trials left x the mean duration of the
+    trials run so far / the trials that run at once. The sweep's total is the plan's (`plan.plan`: the
+    student-only arm's growth and `seeds: auto` counted at their planned size), an estimate."""
+
+    def __init__(self, planned: int):
+        self.planned, self.begun = planned, time.time()
+        self.counted: set = set()  # run ids of the finished trials of the units seen so far (stored ones included)
+        self.durations: List[float] = []
+        self.unit_total = self.unit_done = 0
+        self.best: Optional[float] = None
+
+    def start_unit(self, unit: StageRun, total: int, done: List[Dict[str, Any]]) -> None:
+        mine = (sequence_order(done)[:total] if not unit.points else
+                [r for r in done if any(_same(unit.full(p), r["params_json"]) for p in unit.points)])
+        self.unit_total, self.unit_done = total, len(mine)
+        self.counted.update(r["run_id"] for r in mine)
+        completed = [r["final_miou"] for r in done if r["status"] == "completed" and r["final_miou"] is not None]
+        self.best = max(completed) if completed else None
+
+    def finished(self, row: Dict[str, Any], took: float) -> str:
+        self.durations.append(took)
+        self.unit_done += 1
+        self.counted.add(row["run_id"])
+        if row["status"] == "completed" and row["final_miou"] is not None:
+            self.best = max(self.best if self.best is not None else -1.0, row["final_miou"])
+        return f"trial {self.unit_done}/{self.unit_total}  "
+
+    def tail(self, concurrent: int) -> str:
+        mean = statistics.mean(self.durations) if self.durations else 0.0
+        per = mean / max(1, concurrent)
+        stage_left = max(0, self.unit_total - self.unit_done)
+        sweep_left = max(stage_left, self.planned - len(self.counted))
+        best = "n/a" if self.best is None else f"{100 * self.best:.2f}"
+        return (f"  | best {best}  elapsed {_clock(time.time() - self.begun)}  ETA stage {_clock(stage_left * per)}"
+                f", sweep ~{_clock(sweep_left * per)}")
+
+
+def planned_trials(cfg: Dict[str, Any]) -> int:
+    """The trials the sweep's plan counts (for the ETA; 0 when it cannot be computed)."""
+    try:
+        from harness.sweep.plan import plan
+
+        return sum(int(s.get("trials") or 0) for s in plan(cfg)["stages"])
+    except Exception:  # noqa: BLE001 - an ETA is not worth stopping a sweep for
+        return 0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _error_text(trial) -> str:
