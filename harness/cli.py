@@ -65,7 +65,9 @@ def cmd_sweep(overrides: List[str]) -> int:
 
     check_teacher(cfg)  # a corrupt cached or given teacher: exit 2 before the sweep creates its database
     try:
-        run_sweep(cfg, command=_command_line())
+        from harness.sweep.plan import planned_trials
+
+        run_sweep(cfg, command=_command_line(), planned_trials=planned_trials(cfg))
     except SweepError as e:
         print(f"sweep stopped: {e}", file=sys.stderr)
         return 1

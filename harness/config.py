@@ -234,11 +234,11 @@ class ReportConfig:
     min_seeds: int = param(3, low=0, low_open=True)  # tables mark comparisons with fewer rerun seeds per arm
     after_sweep: bool = True  # regenerate leaderboard, tables and figures when a sweep ends
     measure: bool = True  # measure models now (latency, inference energy, teacher entropy); false: the database only
+    remeasure: bool = False  # measure the latency again and replace the stored one (<paths.cache>/efficiency/)
 
 
 @dataclass
 class CheckpointConfig:  # harness/engine/checkpoint.py
-    remeasure: bool = False  # measure the latency again and replace the stored one (<paths.cache>/efficiency/)
     final: bool = True  # save every run's final student: <paths.results>/checkpoints/<run_id>/final.pt
     every: int = param(0, low=0)  # also save the whole training state every N iterations (0: only on Ctrl-C)
     keep_last: int = param(1, low=1)  # training states kept on disk while the run trains

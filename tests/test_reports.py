@@ -339,6 +339,12 @@ def test_reproduce_and_show_on_real_tiny_runs(tiny_reruns, tmp_path, capsys):
 
     h, w = matplotlib.image.imread(path).shape[:2]
     assert h > 200 and w > 400
+    # every run saved its final student (checkpoint.final): show loads those, retraining none
+    assert not list(Path(load_config(overrides)["paths"]["cache"], "show").glob("*.json"))
+    for r in rows.values():
+        assert (Path(load_config(overrides)["paths"]["results"]) / "checkpoints" / r["run_id"] / "final.pt").is_file()
+    # with show.retrain=true the weights are retrained, and equal the stored runs
+    assert main(["show", "show.retrain=true", *overrides]) == 0
     metas = list(Path(load_config(overrides)["paths"]["cache"], "show").glob("*.json"))
     infos = {json.loads(m.read_text())["run_id"]: json.loads(m.read_text()) for m in metas}
     for r in rows.values():

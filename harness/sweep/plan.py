@@ -241,3 +241,11 @@ def describe(cfg: Dict[str, Any]) -> str:
                  f"(sweep.estimate_tflops)" + (f"; ~{e['wall_hours']:.1f} h wall with {e['gpus_busy']:g} GPUs busy"
                                                 if e["wall_hours"] else ""))
     return "\n".join(lines)
+
+
+def planned_trials(cfg: Dict[str, Any]) -> int:
+    """The trials the sweep's plan counts (the progress lines' ETA; 0 when it cannot be computed)."""
+    try:
+        return sum(int(s.get("trials") or 0) for s in plan(cfg)["stages"])
+    except Exception:  # noqa: BLE001 - an ETA is not worth stopping a sweep for
+        return 0

@@ -190,7 +190,7 @@ def prepare(cfg: Dict[str, Any]) -> Tuple[Protocol, Dict[str, str]]:
     return protocol, arm_ids(cfg, protocol)
 
 
-def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
+def run_sweep(cfg: Dict[str, Any], command: str = "", planned_trials: int = 0) -> Dict[str, Any]:
     protocol, ids = prepare(cfg)
     from harness.sweep.ray_runtime import check_address, ray_session
 
@@ -209,7 +209,7 @@ def run_sweep(cfg: Dict[str, Any], command: str = "") -> Dict[str, Any]:
         teacher_for(cfg, command)
 
     sweep = Sweep(cfg, protocol, ids, store, command, cuts={arm: first_cut(cfg, protocol, arm) for arm in ids},
-                  studies=Studies(cfg["sweep"].get("optuna_storage")), progress=Progress(planned_trials(cfg)))
+                  studies=Studies(cfg["sweep"].get("optuna_storage")), progress=Progress(planned_trials))
     if sweep.studies.url:
         from harness.store import shown_url
 
@@ -888,16 +888,6 @@ class Progress:
         best = "n/a" if self.best is None else f"{100 * self.best:.2f}"
         return (f"  | best {best}  elapsed {_clock(time.time() - self.begun)}  ETA stage {_clock(stage_left * per)}"
                 f", sweep ~{_clock(sweep_left * per)}")
-
-
-def planned_trials(cfg: Dict[str, Any]) -> int:
-    """The trials the sweep's plan counts (for the ETA; 0 when it cannot be computed)."""
-    try:
-        from harness.sweep.plan import plan
-
-        return sum(int(s.get("trials") or 0) for s in plan(cfg)["stages"])
-    except Exception:  # noqa: BLE001 - an ETA is not worth stopping a sweep for
-        return 0
 
 
 def _clock(seconds: float) -> str:
