@@ -1,10 +1,12 @@
 """A small, fully deterministic results database and the report commands run on it.
 
-Used twice: by ``tests/test_report_golden.py`` (the current code) and, once, to write the golden
-outputs in ``tests/data/reports_golden/`` with the code from before the report/measure split:
+Used twice: by ``tests/test_report_golden.py`` (the current code) and to write the golden outputs
+in ``tests/data/reports_golden/``. They were first written with the code from before the
+report/measure split (7f84c7c), then rewritten once, on purpose, when the tables changed what they
+say (issue 12's paired verdicts, families, budgets and equal-compute sections; issue 13's
+like-with-like literature and short report output):
 
-    git worktree add /tmp/old 7f84c7c
-    PYTHONPATH=/tmp/old /work/main/.venv/bin/python tests/golden_reports.py tests/data/reports_golden
+    PYTHONPATH=. .venv/bin/python tests/golden_reports.py tests/data/reports_golden
 
 Every row has a fixed run id and creation time, the inference energy is a fixed fake measurement
 and the latency is not measured (both patched into whichever module measures them: fast and
@@ -162,12 +164,12 @@ def mask(text: str, tmp: Path, csv_file: bool = False) -> str:
 if __name__ == "__main__":  # write the golden outputs with the harness on PYTHONPATH
     import tempfile
 
-    import harness.tables.efficiency as old_efficiency
-    import harness.tables.energy as old_energy
+    import harness.measure.efficiency as measure_efficiency
+    import harness.measure.energy as measure_energy
     from harness.cli import main as old_main
 
-    old_energy.measure_inference = fake_inference
-    old_efficiency.measure_from_row = without_latency(old_efficiency.measure_from_row)
+    measure_energy.measure_inference = fake_inference
+    measure_efficiency.measure_from_row = without_latency(measure_efficiency.measure_from_row)
     dest = Path(sys.argv[1])
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
