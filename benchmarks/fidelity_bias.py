@@ -272,7 +272,8 @@ def phase2(cache: Dict[str, Any], arms: Sequence[str], points: Sequence[Dict[str
     data = {}
     for arm in arms:
         rows = trials_of(cache, arm, points)
-        if len(rows) < 2:
+        if len(rows) < max(2, len(points)):   # an arm is compared on the same K points or not at all
+            print(f"{arm}: {len(rows)} of {len(points)} configurations cached, left out (run phase 1)")
             continue
         evaluations = max(len(r["history"]) for r in rows)
         hist = [[h["miou"] for h in r["history"]] + [0.0] * (evaluations - len(r["history"])) for r in rows]
