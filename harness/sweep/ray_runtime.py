@@ -121,13 +121,33 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], results_dir: st
     if ray.is_initialized():  # a caller (the test session) already started Ray: use it, leave it
         yield
         return
+    on_sigterm = _python_sigterm_handler()
     if address:
         check_address(address)
         ray.init(address=address, log_to_driver=os.environ.get("HARNESS_RAY_LOGS") == "1",
                  configure_logging=False)
     else:
         start_local(num_cpus, results_dir, num_gpus)
+    _restore_sigterm(on_sigterm)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _python_sigterm_handler():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm(handler) -> None:
+    """`ray.init` installs its C++ failure-signal handler for SIGTERM in the driver (a stack dump, no
+    clean stop); put the driver's own Python handler back (the CLI's: unwind like Ctrl-C, exit 143)."""
+    import signal
+
+    if callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN):
+        signal.signal(signal.SIGTERM, handler)
