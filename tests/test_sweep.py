@@ -107,7 +107,10 @@ def test_smoke_sweep_runs_every_stage_and_grows_and_reuses_the_student_arm(ray_l
             ("distilled", "weights[method.kd.weight]"), ("student-only", "reruns"), ("distilled", "reruns")} <= stages
     reruns = [r for r in db if r["stage"] == "reruns"]
     assert all(r["split"] == "val" and r["status"] == "completed" for r in reruns)
-    assert all(r["split"] == "tune" for r in db if r["stage"] and r["stage"] != "reruns")
+    # tuning trials choose on tune; the reruns and the compute-matched control report on val
+    controls = [r for r in db if (r["extra_json"] or {}).get("stage_kind") == "compute_matched"]
+    assert controls and all(r["split"] == "val" and r["arm"] == "student-only" for r in controls)
+    assert all(r["split"] == "tune" for r in db if r["stage"] and r["stage"] != "reruns" and r not in controls)
     assert len({r["run_id"] for r in db}) == len(db)
     assert "lift of the distilled arm over the tuned student-only arm" in out and "== stage lr_wd" in out
     # the distilled reruns carry every winner forward (lineage of the protocol)
