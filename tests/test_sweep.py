@@ -118,7 +118,7 @@ def test_smoke_sweep_runs_every_stage_and_grows_and_reuses_the_student_arm(ray_l
     assert {"optim.lr", "optim.weight_decay", "method.kd.tau", "method.kd.weight", "seed"} <= set(d["params_json"])
     assert all(r["extra_json"]["stage_kind"] for r in db if r["stage"])
     assert all(r["extra_json"]["first_cut"] == {"evaluation": 1, "iteration": 2, "pruning": r["stage"] == "lr_wd"}
-               for r in db if r["stage"] and r["stage"] != "reruns")
+               for r in db if r["stage"] and r["stage"] != "reruns" and r not in controls)
     # budget parity: the student-only arm grew its lr_wd sequence to the distilled arm's budget
     extra = d["extra_json"]
     mine, theirs = (Budget.from_dict(extra["tuning_budget"][a]) for a in ("student-only", "distilled"))
@@ -140,7 +140,10 @@ def test_smoke_sweep_runs_every_stage_and_grows_and_reuses_the_student_arm(ray_l
     grown = rows(overrides, arm="student-only", stage="lr_wd")
     assert [r["run_id"] for r in grown[:n]] == [r["run_id"] for r in sequence]     # the same rows, not rerun
     assert grown[:n] == sequence
-    both = next(r for r in rows(overrides, stage="reruns", arm="distilled") if r["methods"] == "kd,cwd")["extra_json"]
+    from harness.report.blocks import method_label
+
+    both = next(r for r in rows(overrides, stage="reruns", arm="distilled")
+                if method_label(r["methods"]) == "cwd+kd")["extra_json"]
     n2 = both["student_arm"]["trials"]
     assert len(grown) == n2 > n and both["unequal_tuning_budget"] is None
     assert len({(r["params_json"]["optim.lr"], r["params_json"]["optim.weight_decay"]) for r in grown}) == n2
