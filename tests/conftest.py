@@ -26,3 +26,16 @@ def tiny(tmp_path, shared_cache):
             f"paths.results={tmp_path / 'results'}", f"paths.reports={tmp_path / 'reports'}",
             f"paths.cache={shared_cache}", *extra]
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One local Ray for the in-process sweeps of a test module (start-up costs seconds); shut down
+    when the module's tests are done."""
+    import ray
+
+    from harness.sweep.ray_runtime import start_local
+
+    start_local(2, str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()

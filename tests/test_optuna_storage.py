@@ -16,17 +16,6 @@ from harness.store import ResultsStore
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    from harness.sweep.ray_runtime import start_local
-
-    start_local(2, str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
 def protocol_file(tmp_path, stages, name="p"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "sampler_seed": 0, "tpe_startup_trials": 2,

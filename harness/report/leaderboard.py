@@ -327,8 +327,7 @@ def build(blocks: Sequence[Block], store=None, efficiency: Optional[Dict[Any, An
 
 def underpowered(r: Row) -> bool:
     """The observed |lift| is below the smallest lift the design detects at the family's alpha."""
-    v = r.verdict
-    return bool(v is not None and v.mde_family is not None and v.lift is not None and abs(v.lift) < v.mde_family)
+    return bool(r.verdict is not None and r.verdict.underpowered)
 
 
 # ---------------------------------------------------------------------------------- rendering
