@@ -34,7 +34,8 @@ def rows(overrides, **equals):
 # ------------------------------------------------------------------------------ protocol only
 def test_default_protocol_expands_for_each_method():
     protocol = load_protocol("default")
-    assert [s.name for s in protocol.stages] == ["lr_wd", "temperature", "weights", "together", "reruns"]
+    assert [s.name for s in protocol.stages] == ["lr_wd", "temperature", "weights", "together", "reruns",
+                                                     "compute_matched"]
     cfg = load_config(["+method=[kd,cwd]"])
     temperature = next(s for s in protocol.stages if s.name == "temperature")
     assert set(expand_space(temperature.space, cfg)) == {"method.kd.tau", "method.cwd.tau"}
