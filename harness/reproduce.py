@@ -106,6 +106,15 @@ def recorded_device(row: Dict[str, Any]) -> Optional[str]:
     return device.split(":")[0] if device in ("cpu",) or device.startswith("cuda") else None
 
 
+def load_run_plugins(row: Dict[str, Any]) -> List[str]:
+    """Load the plug-ins the run was trained with (its stored `plugins:` list, absolute paths or module
+    names) before anything is rebuilt from its config: a plug-in method or dataset is otherwise unknown
+    here. A plug-in that is gone is a ConfigError naming it (exit 2)."""
+    from harness.plugins import load
+
+    return load((row.get("config_json") or {}).get("plugins") or [])
+
+
 def reproduction_config(row: Dict[str, Any], current: Dict[str, Any], device: Optional[str] = None) -> Dict[str, Any]:
     """The stored config with the current paths/store/energy/progress and the recorded device."""
     cfg = copy.deepcopy(row["config_json"])
@@ -244,6 +253,7 @@ def main(args: List[str]) -> int:
     if not row.get("config_json"):
         raise UsageError(f"cannot reproduce run {row['run_id']}: the row has no stored configuration (config_json), "
                          f"so what it trained is unknown")
+    load_run_plugins(row)
     print(f"reproducing {what}: run {row['run_id']} ({row['arm']}, seed {row['seed']}, split {row['split']})")
     command = "python -m harness reproduce " + " ".join(shlex.quote(a) for a in args)
     if row["status"] in STOPPED:

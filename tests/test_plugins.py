@@ -201,6 +201,36 @@ def test_loading_the_same_plug_in_twice_is_harmless(tmp_path, clean_registries):
     assert cfg["method"] == {"once": {"weight": 2.0}} and cfg["plugins"] == [str(tmp_path / "once.py")]
 
 
+def test_reproduce_loads_the_plug_ins_its_run_was_trained_with(tmp_path, monkeypatch, clean_registries, capsys):
+    """`reproduce <id>` of a plug-in method's run: the row's stored `plugins:` are loaded before the
+    configuration is rebuilt (a fresh process knows only the built-in methods); a plug-in that has
+    gone since is a ConfigError naming it, never an 'unknown method'."""
+    import harness.methods as methods
+    import harness.reproduce as rep
+
+    (tmp_path / "mine.py").write_text(METHOD.format(name="from_the_row"))
+    row = {"run_id": "r1", "arm": "distilled", "seed": 1, "split": "val", "status": "completed", "final_miou": 0.5,
+           "config_json": {"plugins": [str(tmp_path / "mine.py")]}, "config_hash": "h", "created_at": "",
+           "git_commit": ""}
+    seen = []
+
+    def reproduce(row_, current, device, command):
+        seen.append("from_the_row" in methods.METHODS)
+        return {"new": {"split": "val", "final_miou": 0.5, "status": "completed"}, "same": {"final_miou": True},
+                "config": {"device": "cpu", "threads": 1}}
+
+    monkeypatch.setattr(rep, "runs_behind", lambda store, ident: ([row], "run r1"))
+    monkeypatch.setattr(rep, "reproduce", reproduce)
+    store = tmp_path / "runs.jsonl"
+    store.write_text("")
+    assert "from_the_row" not in methods.METHODS
+    assert rep.main(["r1", f"store.url={store}"]) == 0 and seen == [True]
+    row["config_json"]["plugins"] = [str(tmp_path / "gone.py")]
+    with pytest.raises(ConfigError, match=r"gone\.py"):
+        rep.main(["r1", f"store.url={store}"])
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("entry, message", [
     ("no_such_plugin_module", "plugins entry 'no_such_plugin_module': no module named 'no_such_plugin_module'"),
     ("./no_such_file.py", "no such file or folder"),

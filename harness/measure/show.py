@@ -155,6 +155,11 @@ def predict_grid(cfg: dict, store, filters: Filters = Filters(), images: int = N
                      f"only the input and ground truth can be shown (run python -m harness sweep +method=NAME)")
     base = block.baseline if block else None
     any_row = next(iter(block.rows), None) if block else None
+    if block is not None:
+        from harness.reproduce import load_run_plugins
+
+        for row in block.rows:
+            load_run_plugins(row)  # the shown runs' plug-in dataset or methods, before anything is rebuilt
     rcfg = {**(any_row["config_json"] if any_row else cfg), "paths": cfg["paths"]}
     ds = build_dataset(rcfg["dataset"], "val", cache_dir=str(Path(cfg["paths"]["cache"]) / "data"))
     k, ignore = ds.num_classes, ds.ignore_index
