@@ -1,6 +1,6 @@
 """Can anyone re-run the shipped evidence? (issue 12, item 9)
 
-    python benchmarks/reproduce_shipped.py [ROW_ID] [--seed N] [--keep DIR]
+    python benchmarks/reproduce_shipped.py [ROW_ID] [--seed N] [--keep DIR] [--store URL]
 
 Clones this repository at its HEAD commit into a temporary folder (a fresh clone: no results, no
 teacher cache), and there runs
@@ -12,7 +12,8 @@ with this interpreter, the clone first on PYTHONPATH: the shipped row's stored c
 trained again by the clone's code, the teacher from scratch (the cache is empty), and the new final
 mIoU, per-class IoU and evaluation history are compared with the stored ones. ROW_ID defaults to
 the first distilled row of the shipped leaderboard (the one the teacher matters for); `--seed`
-picks one of its rerun seeds (default: the lowest). Exit status: the reproduce command's (0 when
+picks one of its rerun seeds (default: the lowest). `--store` reads another results database (an
+absolute URL or path) instead of the shipped evidence: the same check for runs not yet exported. Exit status: the reproduce command's (0 when
 identical). It prints the time it took (teacher training included).
 
 The clone's working tree is HEAD, not your uncommitted edits: commit first. On the 2-core
@@ -31,16 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_row(clone: Path) -> str:
-    """The first distilled leaderboard row of the shipped evidence (read from the clone)."""
+def default_row(clone: Path, store: str) -> str:
+    """The first distilled leaderboard row of `store` (read by the clone's code)."""
     code = ("from harness.store import ResultsStore\n"
             "from harness.report.blocks import load_blocks\n"
-            "store = ResultsStore('evidence/runs.jsonl', readonly=True)\n"
+            f"store = ResultsStore({store!r}, readonly=True)\n"
             "for block in load_blocks(store):\n"
             "    for label in block.arms:\n"
             "        if label != 'student-only':\n"
             "            print(block.row_id(label), label); raise SystemExit(0)\n"
-            "raise SystemExit('no distilled row in evidence/runs.jsonl')\n")
+            f"raise SystemExit('no distilled row in {store}')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=clone, env=env_for(clone), check=True,
                          capture_output=True, text=True).stdout.split()
     print(f"row {out[0]}: the shipped leaderboard's first distilled arm [{out[1]}]")
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("row", nargs="?", help="a leaderboard row id or run id of evidence/runs.jsonl")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--keep", help="clone into this (new) folder and keep it, instead of a temporary one")
+    ap.add_argument("--store", default="evidence/runs.jsonl",
+                    help="results database to read (default: the shipped evidence/runs.jsonl of the clone)")
     a = ap.parse_args(argv)
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, capture_output=True,
@@ -69,9 +72,9 @@ def main(argv=None) -> int:
         subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "checkout", "--quiet", head], cwd=clone, check=True)
         print(f"fresh clone of {head[:12]} in {clone}; empty teacher cache")
-        row = a.row or default_row(clone)
+        row = a.row or default_row(clone, a.store)
         scratch = clone / "scratch"
-        cmd = [sys.executable, "-m", "harness", "reproduce", row, "store.url=evidence/runs.jsonl",
+        cmd = [sys.executable, "-m", "harness", "reproduce", row, f"store.url={a.store}",
                f"paths.results={scratch}/results", f"paths.reports={scratch}/reports",
                f"paths.cache={scratch}/cache"] + (["--seed", str(a.seed)] if a.seed is not None else [])
         print("$ " + " ".join(cmd[1:]), flush=True)
