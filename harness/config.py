@@ -57,6 +57,9 @@ class ModelConfig:
     pretrained: Optional[str] = None  # null/false, hub (local torch hub cache) or a state-dict path; never downloaded
 
 
+TEACHER_THREADS = 2  # teacher.train.threads by default: what the sweep's driver trained teachers with
+
+
 @dataclass
 class TeacherTrainConfig:
     """How the harness trains a teacher that is not given as a checkpoint."""
@@ -64,6 +67,10 @@ class TeacherTrainConfig:
     weight_decay: float = param(1e-4, low=0)
     momentum: float = param(0.9, low=0, high=1, high_open=True)
     seed: int = param(0, low=0)  # one teacher serves every student seed
+    # torch threads the teacher trains with, whatever the calling run's `threads` (a sweep's trials run
+    # with 1): on a CPU the weights depend on the thread count, and a teacher is one artefact per cache
+    # key. Left out of the resolved config at the default, so keys and hashes from before it are unchanged.
+    threads: int = param(TEACHER_THREADS, low=1, high=1024)
 
 
 @dataclass
@@ -446,6 +453,8 @@ def validate(raw: Dict[str, Any], conf_dir: Path = CONF_DIR, check_data: bool = 
     _check_invariants(out, check_data)
     if out["teacher"].get("checkpoint_format") == "auto":  # the default stays out of configs and hashes
         del out["teacher"]["checkpoint_format"]
+    if out["teacher"]["train"].get("threads") == TEACHER_THREADS:  # likewise
+        del out["teacher"]["train"]["threads"]
     return out
 
 

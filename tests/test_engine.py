@@ -246,6 +246,26 @@ def test_a_model_name_cannot_leave_the_cache_folder(tiny):
         load_config(tiny("+method=kd", "teacher.name=../../x"))
 
 
+def test_the_teacher_trains_with_its_own_threads_never_the_callers():
+    """A sweep's trials run with 1 thread, its driver with 2: whoever trains the teacher first, it is
+    trained with teacher.train.threads (the CPU weights depend on the thread count), which is part of
+    its key when not the default. A stored config from before the setting trains with the default."""
+    from harness.engine import teacher as tm
+
+    base = load_config(["+method=kd"])
+    trial = load_config(["+method=kd", "threads=1"])
+    assert tm.teacher_training_config(trial)["threads"] == tm.teacher_training_config(base)["threads"] == 2
+    assert tm.teacher_key(trial) == tm.teacher_key(base)
+    assert "threads" not in base["teacher"]["train"]                 # the default stays out of hashes
+    four = load_config(["+method=kd", "teacher.train.threads=4"])
+    assert tm.teacher_training_config(four)["threads"] == 4 and tm.teacher_key(four) != tm.teacher_key(base)
+    old = {**trial, "teacher": {**trial["teacher"], "train": {k: v for k, v in trial["teacher"]["train"].items()
+                                                               if k != "threads"}}}
+    assert tm.teacher_training_config(old)["threads"] == 2
+    with pytest.raises(ConfigError, match="threads"):
+        load_config(["+method=kd", "teacher.train.threads=0"])
+
+
 def test_the_teacher_cache_key_changes_with_the_code_that_trains_it(tiny, tmp_path, monkeypatch):
     """A change in training code never reuses a stale teacher: the key hashes the training source."""
     from harness.engine import teacher as tm

@@ -7,8 +7,8 @@ import yaml
 from harness.config import load_config
 from harness.errors import ConfigError
 from harness.store import ResultsStore
-from harness.sweep.budget import (auto_seeds_decision, auto_seeds_stop, measured_cost_ratio, run_cost,
-                                  scaled_budget)
+from harness.sweep.budget import (auto_seeds_decision, auto_seeds_stop, control_plan, measured_cost_ratio,
+                                  run_cost, scaled_budget, stands_for)
 from harness.sweep.protocol import COMPUTE_MATCHED, load_protocol, parse_protocol
 
 STUDENT = [0.30, 0.32, 0.28, 0.31, 0.29, 0.30, 0.33, 0.27, 0.30, 0.31]
@@ -40,6 +40,85 @@ def test_cost_ratio_is_measured_from_both_arms_reruns():
 ])
 def test_iterations_and_eval_interval_scale_by_the_measured_ratio(iterations, every, ratio, expected):
     assert scaled_budget(iterations, every, ratio) == expected
+
+
+def test_two_measures_that_scale_to_the_same_budget_share_one_control():
+    """On a CPU without energy counters the energy ratio is the time ratio to 0.1 % (1.934x vs 1.935x
+    in the main job: both 1161 iterations): the same configuration, run once, stands for both."""
+    measured = {"time": (1.9352, None), "energy": (1.9348, None)}   # both round to 1161 iterations
+    time_, energy = control_plan(["time", "energy"], [], measured, 600, 200)
+    assert (time_.iterations, time_.eval_interval, time_.shared_with, time_.also) == (1161, 387, None, ["energy"])
+    assert (energy.iterations, energy.shared_with, energy.ratio) == (1161, "time", 1.9348)
+    # 1.935 and 1.934 scale to 1161 and 1160 iterations: exact matching (the default) runs both ...
+    measured = {"time": (1.935, None), "energy": (1.934, None)}
+    time_, energy = control_plan(["time", "energy"], [], measured, 600, 200)
+    assert (time_.iterations, energy.iterations, energy.shared_with) == (1161, 1160, None)
+    # ... share_within 0.01 (the default protocol's) shares them, at the first measure's length
+    time_, energy = control_plan(["time", "energy"], [], measured, 600, 200, share_within=0.01)
+    assert (energy.shared_with, energy.iterations, energy.eval_interval, energy.ratio) == ("time", 1161, 387, 1.934)
+    time_, energy = control_plan(["time", "energy"], [], {"time": (2.0, None), "energy": (2.03, None)}, 600, 200,
+                                 share_within=0.01)
+    assert energy.shared_with is None and energy.iterations == 1218          # 1.5 % apart: two controls
+    # ratios that give different lengths run two controls
+    time_, energy = control_plan(["time", "energy"], [], {"time": (2.0, None), "energy": (2.5, None)}, 600, 200)
+    assert (time_.iterations, energy.iterations) == (1200, 1500) and not time_.also and energy.shared_with is None
+    # an unmeasured energy is skipped with the reason, the time control runs alone
+    time_, energy = control_plan(["time", "energy"], [], {"time": (2.0, None), "energy": (None, "no energy")}, 600, 200)
+    assert energy.skipped == "no energy" and not time_.also
+
+
+def test_a_resumed_control_keeps_what_its_stored_rows_say():
+    measured = {"time": (1.935, None), "energy": (1.934, None)}
+    # rows of a control that ran for both measures (this code): both keep their values, still shared
+    both = {"measure": "time", "cost_ratio": 1.935, "iterations": 1161, "eval_interval": 387,
+            "also_measures": {"energy": {"cost_ratio": 1.934, "iterations": 1161, "eval_interval": 387}}}
+    time_, energy = control_plan(["time", "energy"], [both], measured, 600, 200)
+    assert time_.kept and time_.also == ["energy"] and energy.kept and energy.shared_with == "time"
+    assert stands_for(both, "energy") == (1.934, 1161, 387) and stands_for({"measure": "time"}, "energy") is None
+    # rows stored separately per measure (older sweeps): each measure keeps its own, nothing shared
+    old = [{"measure": "time", "cost_ratio": 1.935, "iterations": 1161, "eval_interval": 387},
+           {"measure": "energy", "cost_ratio": 1.934, "iterations": 1161, "eval_interval": 387}]
+    time_, energy = control_plan(["time", "energy"], old, measured, 600, 200)
+    assert time_.kept and energy.kept and energy.shared_with is None and not time_.also
+    # time kept from rows that do not list energy: energy is run on its own, never read into old rows
+    time_, energy = control_plan(["time", "energy"], old[:1], measured, 600, 200, share_within=0.01)
+    assert energy.shared_with is None and not energy.kept and energy.iterations == 1160
+    # kept values win over a ratio measured again (a resumed sweep runs its missing seeds the same length)
+    time_, = control_plan(["time"], [dict(old[0], cost_ratio=2.0, iterations=1200, eval_interval=400)], measured, 600, 200)
+    assert (time_.ratio, time_.iterations, time_.eval_interval) == (2.0, 1200, 400)
+
+
+def test_the_sweep_trains_a_shared_control_once_and_reports_it_for_both_measures(tmp_path, monkeypatch, capsys):
+    """run_compute_matched with a time and an energy ratio 0.05 % apart: one unit of runs (the time
+    control, its rows listing energy in also_measures), both measures in the sweep's result."""
+    from types import SimpleNamespace
+
+    from harness.sweep import runner
+
+    cfg = load_config(["+method=kd", f"paths.results={tmp_path}"])
+    stage = next(st for st in load_protocol("default").stages if st.search == COMPUTE_MATCHED)
+    student = runner.Winner({"optim.lr": 0.02}, 0.3)
+    sweep = SimpleNamespace(cfg=cfg, seeds={stage.matches: [1, 2]}, store=ResultsStore(tmp_path / "h.db"),
+                            ids={"student-only": "student-only:S", "distilled": "distilled:kd:K"})
+    d_rows = [{"train_time_s": 38.7, "iterations": 600, "energy_kwh": 0.0019348, "extra_json": {"device": "cpu"}}]
+    s_rows = [{"train_time_s": 20.0, "iterations": 600, "energy_kwh": 0.001, "extra_json": {"device": "cpu"}}]
+    monkeypatch.setattr(runner, "rerun_rows", lambda sw, st, arm, w, seeds: d_rows if arm == "distilled" else s_rows)
+    units = []
+
+    def unit_rows(sw, unit):
+        units.append(unit)
+        return [{"status": "completed", "final_miou": 0.35 + seed / 100, "seed": seed} for seed in (1, 2)]
+
+    monkeypatch.setattr(runner, "unit_rows", unit_rows)
+    out = runner.run_compute_matched(sweep, stage, {("student-only", stage.matches): student,
+                                                    ("distilled", stage.matches): student}, {})
+    assert len(units) == 1 and units[0].match == {"matched_to": "distilled:kd:K", "measure": "time"}
+    assert units[0].base["budget"]["iterations"] == 1161
+    assert units[0].extra["also_measures"] == {"energy": {"cost_ratio": pytest.approx(1.9348), "iterations": 1161,
+                                                          "eval_interval": 387}}
+    assert out["energy"]["by_seed"] == out["time"]["by_seed"] == {1: 0.36, 2: 0.37}
+    assert out["energy"]["shared_with"] == "time" and out["energy"]["ratio"] == pytest.approx(1.9348)
+    assert "the time control's runs stand for both; nothing trained again" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------- adaptive seeds
@@ -97,6 +176,10 @@ def reruns(**extra):
      "unknown key 'seeds' for a compute_matched stage"),
     ([{**reruns(seeds=5), "arms": ["distilled"]}, {"name": "cm", "search": COMPUTE_MATCHED, "measures": ["time"]}],
      "must rerun both arms"),
+    ([reruns(seeds=5), {"name": "cm", "search": COMPUTE_MATCHED, "measures": ["time"], "share_within": 0.5}],
+     "share_within is the relative difference"),
+    ([reruns(seeds=5), {"name": "cm", "search": COMPUTE_MATCHED, "measures": ["time"], "share_within": "1%"}],
+     "share_within is the relative difference"),
 ])
 def test_bad_stage_features_are_config_errors(stages, message):
     with pytest.raises(ConfigError) as info:

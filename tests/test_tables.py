@@ -657,3 +657,25 @@ def test_lift_at_equal_compute_from_the_compute_matched_rows(tmp_path, cfg):
     assert "lift at equal compute: wall-clock" in md and "2.50x, 250 it." in md and "n/a (stage not run)" in md
     df = pd.DataFrame(leaderboard.csv_rows([t], "db", "c"))
     assert df.loc[1, "lift_equal_time_pct"] == pytest.approx(100 * m.verdict.lift, abs=1e-6)
+
+
+def test_one_control_run_for_both_measures_stands_for_both(tmp_path, cfg):
+    """A compute-matched control whose rows list `also_measures` (the time and energy ratios agreed, so
+    the sweep ran it once) gives both equal-compute columns, the shared one marked."""
+    s = ResultsStore(tmp_path / "shared.db")
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49], sweep_id="student-only:S", train_time_s=10.0, iterations=100,
+            extra_json={"stage_kind": "rerun"})
+    add_arm(s, cfg, "kd", [0.53, 0.53, 0.52], sweep_id="distilled:kd:K", train_time_s=19.4, iterations=100,
+            extra_json={"stage_kind": "rerun"})
+    add_arm(s, cfg, "student-only", [0.52, 0.54, 0.53], sweep_id="student-only:S", stage="compute_matched",
+            iterations=194, extra_json={"stage_kind": "compute_matched", "matched_to": "distilled:kd:K",
+                                        "measure": "time", "cost_ratio": 1.935, "iterations": 194, "device": "cpu",
+                                        "also_measures": {"energy": {"cost_ratio": 1.934, "iterations": 194,
+                                                                     "eval_interval": 97}}})
+    t = leaderboard.build(blk.load_blocks(s), s)[0]
+    row = t.rows[1]
+    time_, energy = row.matched["time"], row.matched["energy"]
+    assert time_.shared_with is None and energy.shared_with == "time" and energy.ratio == 1.934
+    assert energy.verdict.lift == pytest.approx(time_.verdict.lift) and energy.runs == time_.runs == 3
+    md = leaderboard.to_markdown([t], ["Source: test"])
+    assert "1.93x, 194 it. (the time control's runs)" in md and "n/a (stage not run)" not in md

@@ -29,7 +29,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from harness.config import stable_hash
+from harness.config import TEACHER_THREADS, stable_hash
 from harness.errors import ConfigError
 from harness.data import build_dataset
 from harness.engine.evaluate import evaluate, slide_window
@@ -188,6 +188,7 @@ def teacher_training_config(cfg: dict) -> dict:
     tcfg["budget"] = {**b, "iterations": b["teacher_iterations"], "batch_size": b["teacher_batch_size"],
                       "eval_interval": max(1, b["teacher_iterations"] // 4)}
     tcfg["seed"] = t["train"]["seed"]
+    tcfg["threads"] = t["train"].get("threads", TEACHER_THREADS)  # never the caller's: the weights depend on it
     tcfg["train_split"], tcfg["eval_split"] = "train", "val"
     return tcfg
 

@@ -130,6 +130,7 @@ class Matched:
     iterations: Optional[int] = None     # the student's scaled iterations
     device: str = ""
     runs: int = 0
+    shared_with: Optional[str] = None    # its runs are those of this measure's control (same iterations)
 
 
 @dataclass
@@ -239,17 +240,24 @@ def _matched(store, arm: Arm) -> Dict[str, Matched]:
 
     if not arm.sweep_ids:
         return {}
+    from harness.sweep.budget import stands_for
+
     rows = [r for r in store.query(arm=STUDENT_ONLY)
             if (r.get("extra_json") or {}).get("stage_kind") == COMPUTE_MATCHED
             and (r.get("extra_json") or {}).get("matched_to") in arm.sweep_ids]
+    measures = {m for r in rows for m in [(r.get("extra_json") or {}).get("measure") or "time",
+                                          *((r.get("extra_json") or {}).get("also_measures") or {})]}
     out: Dict[str, Matched] = {}
-    for measure in sorted({(r.get("extra_json") or {}).get("measure") or "time" for r in rows}):
-        mine = [r for r in rows if ((r.get("extra_json") or {}).get("measure") or "time") == measure]
+    for measure in sorted(measures):
+        mine = [r for r in rows if stands_for(r.get("extra_json") or {}, measure) is not None]
         done = {int(r["seed"]): r["final_miou"] for r in mine
                 if r["status"] == "completed" and r["final_miou"] is not None and r["seed"] is not None}
         e = (mine[-1].get("extra_json") or {}) if mine else {}
-        out[measure] = Matched(measure, stats.compare_seeds(arm.by_seed, done), e.get("cost_ratio"),
-                               e.get("iterations"), str(e.get("device") or ""), len({r["seed"] for r in mine}))
+        ratio, iterations, _ = stands_for(e, measure) if e else (None, None, None)
+        own = (e.get("measure") or "time") == measure
+        out[measure] = Matched(measure, stats.compare_seeds(arm.by_seed, done), ratio, iterations,
+                               str(e.get("device") or ""), len({r["seed"] for r in mine}),
+                               shared_with=None if own or not e else (e.get("measure") or "time"))
     return out
 
 
@@ -507,6 +515,8 @@ def _matched_table(t: BlockTable) -> List[str]:
                 continue
             devices.add(m.device or MISSING)
             ratio = MISSING if m.ratio is None else f"{m.ratio:.2f}x" + (f", {m.iterations} it." if m.iterations else "")
+            if m.shared_with:
+                ratio += f" (the {m.shared_with} control's runs)"
             cells += [_verdict_cell(m.verdict), ratio]
         body.append(cells)
     what = ("the tuned student-only configuration rerun on the same seeds with its iterations scaled so its "

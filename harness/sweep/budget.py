@@ -21,8 +21,8 @@ The rule (README "The fair tuning protocol", `sweeps/default.yaml`):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 UNEQUAL = "unequal tuning budget"
 
@@ -218,6 +218,78 @@ def scaled_budget(iterations: int, eval_interval: int, ratio: float):
     n = max(1, int(round(iterations * ratio)))
     every = max(1, int(round(eval_interval * n / iterations)))
     return n, min(every, n)
+
+
+def stands_for(extra: Dict[str, Any], measure: str) -> Optional[Tuple[Optional[float], Optional[int], Optional[int]]]:
+    """(cost ratio, iterations, eval_interval) that a compute-matched row stands for under `measure`:
+    its own measure's, or one listed in its `also_measures` (a control run once for several measures
+    whose scaled budgets were identical); None when the row is not for that measure."""
+    if (extra.get("measure") or "time") == measure:
+        return extra.get("cost_ratio"), extra.get("iterations"), extra.get("eval_interval")
+    also = (extra.get("also_measures") or {}).get(measure)
+    if also:
+        return also.get("cost_ratio"), also.get("iterations"), also.get("eval_interval")
+    return None
+
+
+@dataclass
+class ControlPlan:
+    """What the compute-matched stage does for one cost measure (`control_plan`)."""
+    measure: str
+    ratio: Optional[float] = None
+    iterations: Optional[int] = None
+    eval_interval: Optional[int] = None
+    kept: bool = False                # its values come from rows already stored
+    shared_with: Optional[str] = None  # its runs are those of this measure's control (same configuration)
+    also: List[str] = field(default_factory=list)  # measures whose control these runs also are
+    skipped: Optional[str] = None     # why there is no control for this measure
+
+
+def control_plan(measures: Sequence[str], stored: Sequence[Dict[str, Any]],
+                 measured: Dict[str, Tuple[Optional[float], Optional[str]]], iterations: int,
+                 eval_interval: int, share_within: float = 0.0) -> List[ControlPlan]:
+    """Per measure, the compute-matched control to run or keep. `stored`: extra_json of the rows already
+    stored for this comparison; `measured`: measure -> (ratio, why not) from the two arms' reruns.
+
+    A measure with stored rows keeps their ratio and length (a resumed sweep runs the missing seeds
+    the same length). Otherwise its budget is scaled by the measured ratio. When that gives exactly the
+    iterations and evaluation interval of an earlier measure's control that is run now (not kept from
+    older rows, which cannot list it), or its ratio is within `share_within` (relative) of that
+    control's, the two would train the same configuration -- same tuned student, seeds, split, and
+    the same length or one `share_within` apart -- so those runs stand for both (`also_measures` on
+    their rows, with this measure's own ratio), at the earlier measure's length, and nothing is trained
+    twice. On a CPU without energy counters codecarbon's energy is a load-based estimate and the two
+    ratios agree to about 0.1 % (1.934x and 1.935x in the main job), while the estimate itself is
+    uncertain by -60 % to +190 % (codecarbon's documentation)."""
+    plans: List[ControlPlan] = []
+    for measure in measures:
+        plan = ControlPlan(measure)
+        own = [e for e in stored if (e.get("measure") or "time") == measure and e.get("cost_ratio") is not None]
+        via = [e for e in stored if measure in (e.get("also_measures") or {})]
+        if via and not own:
+            plan.ratio, plan.iterations, plan.eval_interval = stands_for(via[0], measure)
+            plan.kept, plan.shared_with = True, via[0].get("measure") or "time"
+        elif own:
+            plan.ratio, plan.iterations, plan.eval_interval = stands_for(own[0], measure)
+            plan.eval_interval = plan.eval_interval or eval_interval
+            plan.kept = True
+            plan.also = sorted({m for e in own for m in (e.get("also_measures") or {})})
+        else:
+            ratio, why = measured.get(measure, (None, f"no {measure} cost measured"))
+            if ratio is None:
+                plan.skipped = why
+            else:
+                plan.ratio = ratio
+                plan.iterations, plan.eval_interval = scaled_budget(iterations, eval_interval, ratio)
+                first = next((p for p in plans if p.shared_with is None and p.skipped is None and not p.kept
+                              and ((p.iterations, p.eval_interval) == (plan.iterations, plan.eval_interval)
+                                   or abs(ratio - p.ratio) <= share_within * p.ratio)), None)
+                if first is not None:
+                    plan.shared_with = first.measure
+                    plan.iterations, plan.eval_interval = first.iterations, first.eval_interval
+                    first.also.append(measure)
+        plans.append(plan)
+    return plans
 
 
 # ------------------------------------------------------------------------------ adaptive seeds

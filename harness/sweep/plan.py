@@ -44,12 +44,16 @@ def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
     seeds: Dict[str, int] = {}  # rerun stage -> seeds (upper bound)
     for stage in protocol.stages:
         if stage.search == COMPUTE_MATCHED:
-            for measure in stage.measures:
+            for i, measure in enumerate(stage.measures):
+                shares = (f"; not run when within {100 * stage.share_within:g} % of the {stage.measures[0]} ratio: "
+                          f"the {stage.measures[0]} control's runs stand for both" if i and stage.share_within else
+                          f"; not run when it scales to the {stage.measures[0]} control's iterations: those runs stand "
+                          f"for both" if i else "")
                 stages.append({"arm": "student-only", "search": stage.search, "split": stage.split, "inherits": [],
                                "stage": f"{stage.name}[{measure}]", "space": {}, "trials": seeds.get(stage.matches, 0),
                                "measure": measure,
                                "note": f"the tuned student rerun on the {stage.matches} seeds, iterations x the measured "
-                                       f"{measure} cost ratio"})
+                                       f"{measure} cost ratio" + shares})
             continue
         for arm in stage.arms:
             common = {"arm": arm, "search": stage.search, "split": stage.split, "inherits": stage.inherits}

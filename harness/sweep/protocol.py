@@ -72,6 +72,7 @@ class Stage:
     min_seeds: int = MIN_SEEDS_DEFAULT
     measures: List[str] = field(default_factory=list)  # compute_matched
     matches: Optional[str] = None                       # compute_matched: the rerun stage it matches
+    share_within: float = 0.0                           # compute_matched: measures whose ratios agree this closely share runs
 
     @property
     def auto_seeds(self) -> bool:
@@ -348,7 +349,7 @@ def _parse_seeds(stage: Stage, s: Dict[str, Any], where: str) -> Stage:
 def _parse_compute_matched(s: Dict[str, Any], where: str, earlier: List[Stage]) -> Stage:
     """`search: compute_matched`: the student-only arm's tuned configuration rerun on the seeds of a rerun
     stage with its iterations scaled to the distilled arm's measured training cost, per measure."""
-    known = {"name", "search", "arms", "measures", "matches"}
+    known = {"name", "search", "arms", "measures", "matches", "share_within"}
     name = s.get("name")
     if not name:
         raise ConfigError(f"{where}: every stage needs a name")
@@ -380,8 +381,12 @@ def _parse_compute_matched(s: Dict[str, Any], where: str, earlier: List[Stage]) 
     if set(target.arms) != set(ARMS):
         raise ConfigError(f"{where}: the rerun stage '{target.name}' must rerun both arms (the cost ratio is measured "
                           f"on both arms' reruns)")
+    share = s.get("share_within", 0.0)
+    if not _is_number(share) or not 0 <= float(share) <= 0.1:
+        raise ConfigError(f"{where}: share_within is the relative difference of two measures' cost ratios within "
+                          f"which they share one control (a number from 0, exact, to 0.1), got {share!r}")
     return Stage(name=name, arms=arms, search=COMPUTE_MATCHED, space={}, split=target.split,
-                 measures=list(measures), matches=target.name)
+                 measures=list(measures), matches=target.name, share_within=float(share))
 
 
 def _check_distribution(path: str, dist: Any, search: str, where: str) -> None:

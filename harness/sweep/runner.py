@@ -30,9 +30,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.config import methods_of, stable_hash
 from harness.errors import ConfigError
 from harness.store import ResultsStore
-from harness.sweep.budget import (Budget, arm_budget, at_least, auto_seeds_decision, growth_step,
-                                  measured_cost_ratio, rank_agreement, run_cost, scaled_budget, sequence_order,
-                                  unequal)
+from harness.sweep.budget import (Budget, arm_budget, at_least, auto_seeds_decision, control_plan, growth_step,
+                                  measured_cost_ratio, rank_agreement, run_cost, sequence_order, unequal)
 from harness.sweep.protocol import (COMPUTE_MATCHED, RERUN, Protocol, Stage, check_paths, expand_space,
                                     hashed_stages, load_protocol, parse_stage_name, sub_stage_name)
 from harness.sweep.studies import Studies
@@ -363,7 +362,9 @@ def run_compute_matched(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str
     alike (`budget.scaled_budget`). Rows: arm student-only, stage = this stage, extra_json {stage_kind:
     compute_matched, matched_to: the distilled arm id, measure, cost_ratio, iterations, eval_interval,
     device, ...}. Resumable: a row stored for (matched_to, measure, seed) is kept, and a measure that
-    has rows keeps their ratio and iterations (the seeds added later run the same length)."""
+    has rows keeps their ratio and iterations (the seeds added later run the same length). Two measures
+    whose ratios scale to the same iterations and interval share one set of runs (`budget.control_plan`;
+    the rows list the other measure in `also_measures`)."""
     rerun = stage.matches
     student, distilled = winners.get(("student-only", rerun)), winners.get(("distilled", rerun))
     seeds = sweep.seeds.get(rerun) or []
@@ -372,24 +373,27 @@ def run_compute_matched(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str
     devices = sorted({str((r.get("extra_json") or {}).get("device")) for r in d_rows + s_rows
                       if (r.get("extra_json") or {}).get("device")})
     b = sweep.cfg["budget"]
+    stored = [(r.get("extra_json") or {}) for r in sweep.store.query(sweep_id=sweep.ids["student-only"], stage=stage.name)
+              if (r.get("extra_json") or {}).get("matched_to") == sweep.ids["distilled"]
+              and student is not None and _same(student.params, r["params_json"])]
+    measured = {m: measured_cost_ratio(d_rows, s_rows, m) for m in stage.measures}
+    plans = control_plan(stage.measures, stored, measured, b["iterations"], b["eval_interval"], stage.share_within)
+    by_measure = {p.measure: p for p in plans}
     out: Dict[str, Dict[str, Any]] = {}
-    for measure in stage.measures:
-        started = time.time()
-        match = {"matched_to": sweep.ids["distilled"], "measure": measure}
-        kept = sequence_order(r for r in sweep.store.query(sweep_id=sweep.ids["student-only"], stage=stage.name)
-                              if _matches(r, match) and student is not None and _same(student.params, r["params_json"])
-                              and (r.get("extra_json") or {}).get("cost_ratio") is not None)
-        if kept:
-            e = kept[0]["extra_json"]
-            ratio, iterations, every = e["cost_ratio"], e["iterations"], e.get("eval_interval") or b["eval_interval"]
+    for plan in plans:
+        started, measure = time.time(), plan.measure
+        ratio, iterations, every = plan.ratio, plan.iterations, plan.eval_interval
+        if plan.skipped is not None or student is None or not seeds:
+            say(f"[{stage.name}] {measure}: skipped: " + (plan.skipped or f"no reruns of both arms in stage {rerun}"))
+            continue
+        if plan.shared_with is not None:
+            continue  # reported after the control whose runs it shares
+        if plan.kept:
             say(f"[{stage.name}] {measure}: cost ratio {ratio:.3f}x and {iterations} iterations kept from the "
-                f"{len(kept)} row(s) already stored for {sweep.ids['distilled']}")
-        else:
-            ratio, why = measured_cost_ratio(d_rows, s_rows, measure)
-            if ratio is None or student is None or not seeds:
-                say(f"[{stage.name}] {measure}: skipped: " + (why or f"no reruns of both arms in stage {rerun}"))
-                continue
-            iterations, every = scaled_budget(b["iterations"], b["eval_interval"], ratio)
+                f"row(s) already stored for {sweep.ids['distilled']}")
+        match = {"matched_to": sweep.ids["distilled"], "measure": measure}
+        also = {m: {"cost_ratio": by_measure[m].ratio, "iterations": by_measure[m].iterations,
+                    "eval_interval": by_measure[m].eval_interval} for m in plan.also}
         base = arm_config(sweep.cfg, "student-only")
         base = {**base, "budget": {**base["budget"], "iterations": iterations, "eval_interval": every}}
         unit = StageRun(arm="student-only", arm_id=sweep.ids["student-only"], stage=stage, name=stage.name, base=base,
@@ -400,14 +404,24 @@ def run_compute_matched(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str
                       "device": ", ".join(devices) or None, "matched_stage": rerun,
                       "cost": {"distilled": run_cost(d_rows, measure), "student-only": run_cost(s_rows, measure),
                                "runs": {"distilled": len(d_rows), "student-only": len(s_rows)}}}
+        if also:
+            unit.extra["also_measures"] = also
         rows = unit_rows(sweep, unit)
         done = [r for r in rows if r["status"] == "completed" and r["final_miou"] is not None]
+        by_seed = {int(r["seed"]): r["final_miou"] for r in done}
         out[measure] = {"ratio": ratio, "iterations": iterations, "eval_interval": every, "device": unit.extra["device"],
-                        "by_seed": {int(r["seed"]): r["final_miou"] for r in done}}
+                        "by_seed": by_seed}
         mean = statistics.mean(r["final_miou"] for r in done) if done else None
         say(f"== stage {stage.name} (student-only, {measure}): cost ratio {ratio:.3f}x -> {iterations} iterations "
             f"(evaluation every {every}); {len(done)}/{len(seeds)} seeds done; {stage.split} mIoU "
             f"{'n/a' if mean is None else f'{100 * mean:.2f}'}; {time.time() - started:.0f} s")
+        for m in [p.measure for p in plans if p.shared_with == measure]:
+            shared = by_measure[m]
+            out[m] = {"ratio": shared.ratio, "iterations": iterations, "eval_interval": every,
+                      "device": unit.extra["device"], "by_seed": dict(by_seed), "shared_with": measure}
+            say(f"== stage {stage.name} (student-only, {m}): cost ratio {shared.ratio:.3f}x -> {iterations} iterations "
+                f"(evaluation every {every}): within {100 * stage.share_within:g} % of the {measure} ratio, the "
+                f"{measure} control's runs stand for both; nothing trained again")
     return out
 
 
@@ -999,7 +1013,8 @@ def lift_lines(arms: Dict[str, Dict[str, Any]], matched: Dict[str, Dict[str, Any
     for measure, m in matched.items():
         out[measure] = v = stats.compare_seeds(arms["distilled"]["by_seed"], m["by_seed"])
         say(f"  lift at equal compute ({measure}: cost ratio {m['ratio']:.2f}x measured on {m['device'] or 'n/a'}, "
-            f"student trained {m['iterations']} iterations): {text(v)}")
+            f"student trained {m['iterations']} iterations"
+            + (f", the {m['shared_with']} control's runs" if m.get("shared_with") else "") + f"): {text(v)}")
     return out
 
 
