@@ -31,7 +31,7 @@ from harness.config import methods_of, stable_hash
 from harness.errors import ConfigError
 from harness.store import ResultsStore
 from harness.sweep.budget import (Budget, arm_budget, at_least, auto_seeds_decision, control_plan, growth_step,
-                                  measured_cost_ratio, rank_agreement, run_cost, sequence_order, unequal)
+                                  measured_cost_ratio, rank_agreement, run_cost, sequence_order, stands_for, unequal)
 from harness.sweep.protocol import (COMPUTE_MATCHED, RERUN, Protocol, Stage, check_paths, expand_space,
                                     hashed_stages, load_protocol, parse_stage_name, sub_stage_name)
 from harness.sweep.studies import Studies
@@ -389,8 +389,9 @@ def run_compute_matched(sweep: Sweep, stage: Stage, winners: Dict[Tuple[str, str
         if plan.shared_with is not None:
             continue  # reported after the control whose runs it shares
         if plan.kept:
+            kept = sum(1 for e in stored if stands_for(e, measure) is not None)
             say(f"[{stage.name}] {measure}: cost ratio {ratio:.3f}x and {iterations} iterations kept from the "
-                f"row(s) already stored for {sweep.ids['distilled']}")
+                f"{kept} row(s) already stored for {sweep.ids['distilled']}")
         match = {"matched_to": sweep.ids["distilled"], "measure": measure}
         also = {m: {"cost_ratio": by_measure[m].ratio, "iterations": by_measure[m].iterations,
                     "eval_interval": by_measure[m].eval_interval} for m in plan.also}
