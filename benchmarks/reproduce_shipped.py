@@ -17,7 +17,7 @@ absolute URL or path) instead of the shipped evidence: the same check for runs n
 identical). It prints the time it took (teacher training included).
 
 The clone's working tree is HEAD, not your uncommitted edits: commit first. On the 2-core
-development VM, idle, it takes about 8-10 minutes (7.5 for the teacher at the quick budget).
+development VM, idle, expect about 13 minutes at the quick budget (teacher 9.4, one distilled run ~2.5).
 """
 from __future__ import annotations
 
