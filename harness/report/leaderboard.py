@@ -240,12 +240,12 @@ def _matched(store, arm: Arm) -> Dict[str, Matched]:
 
     if not arm.sweep_ids:
         return {}
-    from harness.sweep.budget import stands_for
+    from harness.sweep.budget import measure_of, stands_for
 
     rows = [r for r in store.query(arm=STUDENT_ONLY)
             if (r.get("extra_json") or {}).get("stage_kind") == COMPUTE_MATCHED
             and (r.get("extra_json") or {}).get("matched_to") in arm.sweep_ids]
-    measures = {m for r in rows for m in [(r.get("extra_json") or {}).get("measure") or "time",
+    measures = {m for r in rows for m in [measure_of(r.get("extra_json") or {}),
                                           *((r.get("extra_json") or {}).get("also_measures") or {})]}
     out: Dict[str, Matched] = {}
     for measure in sorted(measures):
@@ -254,10 +254,9 @@ def _matched(store, arm: Arm) -> Dict[str, Matched]:
                 if r["status"] == "completed" and r["final_miou"] is not None and r["seed"] is not None}
         e = (mine[-1].get("extra_json") or {}) if mine else {}
         ratio, iterations, _ = stands_for(e, measure) if e else (None, None, None)
-        own = (e.get("measure") or "time") == measure
         out[measure] = Matched(measure, stats.compare_seeds(arm.by_seed, done), ratio, iterations,
                                str(e.get("device") or ""), len({r["seed"] for r in mine}),
-                               shared_with=None if own or not e else (e.get("measure") or "time"))
+                               shared_with=None if not e or measure_of(e) == measure else measure_of(e))
     return out
 
 

@@ -220,11 +220,16 @@ def scaled_budget(iterations: int, eval_interval: int, ratio: float):
     return n, min(every, n)
 
 
+def measure_of(extra: Dict[str, Any]) -> str:
+    """The cost measure a compute-matched row was run for (rows from before measures: 'time')."""
+    return extra.get("measure") or "time"
+
+
 def stands_for(extra: Dict[str, Any], measure: str) -> Optional[Tuple[Optional[float], Optional[int], Optional[int]]]:
     """(cost ratio, iterations, eval_interval) that a compute-matched row stands for under `measure`:
-    its own measure's, or one listed in its `also_measures` (a control run once for several measures
-    whose scaled budgets were identical); None when the row is not for that measure."""
-    if (extra.get("measure") or "time") == measure:
+    its own measure's, or one listed in its `also_measures` (a control run once for several measures,
+    `control_plan`); None when the row is not for that measure."""
+    if measure_of(extra) == measure:
         return extra.get("cost_ratio"), extra.get("iterations"), extra.get("eval_interval")
     also = (extra.get("also_measures") or {}).get(measure)
     if also:
@@ -264,11 +269,11 @@ def control_plan(measures: Sequence[str], stored: Sequence[Dict[str, Any]],
     plans: List[ControlPlan] = []
     for measure in measures:
         plan = ControlPlan(measure)
-        own = [e for e in stored if (e.get("measure") or "time") == measure and e.get("cost_ratio") is not None]
+        own = [e for e in stored if measure_of(e) == measure and e.get("cost_ratio") is not None]
         via = [e for e in stored if measure in (e.get("also_measures") or {})]
         if via and not own:
             plan.ratio, plan.iterations, plan.eval_interval = stands_for(via[0], measure)
-            plan.kept, plan.shared_with = True, via[0].get("measure") or "time"
+            plan.kept, plan.shared_with = True, measure_of(via[0])
         elif own:
             plan.ratio, plan.iterations, plan.eval_interval = stands_for(own[0], measure)
             plan.eval_interval = plan.eval_interval or eval_interval

@@ -45,10 +45,10 @@ def plan(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for stage in protocol.stages:
         if stage.search == COMPUTE_MATCHED:
             for i, measure in enumerate(stage.measures):
-                shares = (f"; not run when within {100 * stage.share_within:g} % of the {stage.measures[0]} ratio: "
-                          f"the {stage.measures[0]} control's runs stand for both" if i and stage.share_within else
-                          f"; not run when it scales to the {stage.measures[0]} control's iterations: those runs stand "
-                          f"for both" if i else "")
+                first = stage.measures[0]
+                when = (f"within {100 * stage.share_within:g} % of the {first} ratio" if stage.share_within
+                        else f"it scales to the {first} control's iterations")
+                shares = f"; not run when {when}: the {first} control's runs stand for both" if i else ""
                 stages.append({"arm": "student-only", "search": stage.search, "split": stage.split, "inherits": [],
                                "stage": f"{stage.name}[{measure}]", "space": {}, "trials": seeds.get(stage.matches, 0),
                                "measure": measure,
