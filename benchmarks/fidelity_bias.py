@@ -12,8 +12,10 @@ decay cycling through the choices) are trained at full fidelity exactly as a swe
 (`harness.engine.train.run`, evaluated on the `tune` split like `TrialSpec.config` does, the
 method's default temperature and weight, seed 0, the cached teacher), P processes at a time with N
 torch threads each. Every run's per-evaluation tune mIoU goes to a JSON cache
-(`benchmarks/data/fidelity_bias_<budget>.json`), written after every run: a killed phase 1 keeps what
-finished and a second call trains only what is missing.
+(`results/benchmarks/fidelity_bias_<budget>.json`, git-ignored), written after every run: a killed
+phase 1 keeps what finished and a second call trains only what is missing. The histories measured for
+the README ship read-only in `benchmarks/data/fidelity_bias_<budget>.json`: a cache that does not exist
+yet starts from them, and no command writes that file (to ship new histories, copy the cache there).
 
 Phase 2 (free): the early-stopping rule is replayed offline on those histories. The decisions come
 from the harness's own `GuardedASHA` (harness/sweep/runner.py) driven with fake trial results, the
@@ -104,14 +106,28 @@ def worker(arm: str, budget: str, threads: int, point: Dict[str, float], results
             "budget_iterations": cfg["budget"]["iterations"]}
 
 
-def load_cache(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+def load_cache(path: Path, shipped: Optional[Path] = None) -> Dict[str, Any]:
+    """The cache at `path`; where there is none yet, a copy of the shipped histories (`shipped`, read
+    only: a tracked file no command writes), so a fresh clone trains only what is not shipped."""
+    for source in (path, shipped):
+        if source is not None and source.is_file():
+            return json.loads(source.read_text())
+    return {"runs": {}}
 
 
-def phase1(args, points: List[Dict[str, float]], cache_path: Path) -> None:
+def cache_paths(budget: str, given: Optional[str]) -> Tuple[Path, Optional[Path]]:
+    """(where phase 1 writes, the shipped histories it starts from). Phase 1 never writes a tracked
+    file: the default cache is results/benchmarks/ (git-ignored), started from benchmarks/data/."""
+    shipped = ROOT / "benchmarks" / "data" / f"fidelity_bias_{budget}.json"
+    if given:
+        return Path(given), None
+    return ROOT / "results" / "benchmarks" / f"fidelity_bias_{budget}.json", shipped
+
+
+def phase1(args, points: List[Dict[str, float]], cache_path: Path, shipped: Optional[Path] = None) -> None:
     import threading
 
-    cache = load_cache(cache_path)
+    cache = load_cache(cache_path, shipped)
     cache.setdefault("runs", {})
     cache["budget"], cache["points"] = args.budget, points
     todo = [(arm, p) for arm in args.arms for p in points if key_of(arm, p) not in cache["runs"]]
@@ -367,7 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--orders", type=int, default=1000)
-    parser.add_argument("--cache", default=None, help="default benchmarks/data/fidelity_bias_<budget>.json")
+    parser.add_argument("--cache", default=None, help="default results/benchmarks/fidelity_bias_<budget>.json, "
+                        "started from the shipped benchmarks/data/fidelity_bias_<budget>.json")
     parser.add_argument("--json", default=None, help="also write the summary here")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--phase1-only", action="store_true")
@@ -386,12 +403,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     space = next(s for s in load_protocol("default").stages if s.name == "lr_wd").space
     points = grid_points(space, args.configs)
-    cache_path = Path(args.cache) if args.cache else ROOT / "benchmarks" / "data" / f"fidelity_bias_{args.budget}.json"
+    cache_path, shipped = cache_paths(args.budget, args.cache)
     if not args.phase2_only:
-        phase1(args, points, cache_path)
+        phase1(args, points, cache_path, shipped)
     if args.phase1_only:
         return 0
-    cache = load_cache(cache_path)
+    cache = load_cache(cache_path, shipped)
     if "budget" not in cache:
         print(f"no cached histories in {cache_path}: run phase 1 first")
         return 1

@@ -73,3 +73,26 @@ def test_grid_points_cover_the_space():
                           "optim.weight_decay": {"choice": [5e-6, 5e-5, 5e-4]}}, 6)
     assert pts[0]["optim.lr"] == 0.002 and pts[-1]["optim.lr"] == 0.1
     assert [p["optim.weight_decay"] for p in pts] == [5e-6, 5e-5, 5e-4] * 2
+
+
+def test_phase1_writes_an_ignored_cache_started_from_the_shipped_histories(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    root = Path(fb.ROOT)
+    path, shipped = fb.cache_paths("quick", None)
+    assert shipped == root / "benchmarks" / "data" / "fidelity_bias_quick.json"
+    assert path.resolve().is_relative_to((root / "results").resolve())
+    # where it writes is ignored by git; the shipped file is tracked and never the write target
+    assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=root).returncode == 0
+    assert path != shipped
+    # a cache that does not exist yet starts from the shipped histories; an existing one wins
+    ship = tmp_path / "shipped.json"
+    ship.write_text(json.dumps({"budget": "quick", "runs": {"a": 1}}))
+    assert fb.load_cache(tmp_path / "none.json", ship)["runs"] == {"a": 1}
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"budget": "quick", "runs": {"b": 2}}))
+    assert fb.load_cache(own, ship)["runs"] == {"b": 2}
+    assert fb.load_cache(tmp_path / "none.json", None) == {"runs": {}}
+    # --cache given: that file only, nothing shipped mixed in
+    assert fb.cache_paths("quick", str(own)) == (own, None)
