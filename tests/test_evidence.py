@@ -110,12 +110,21 @@ def test_runs_jsonl_round_trips_byte_for_byte(tmp_path):
     assert second.read_bytes() == first.read_bytes()
 
 
+def shipped_rows() -> int:
+    """The number of rows evidence/README.md says runs.jsonl holds (the test keeps the two in step)."""
+    import re
+
+    found = re.findall(r"^(\d+) rows, all `dataset=", (EVIDENCE / "README.md").read_text(), re.M)
+    assert len(found) == 1, "evidence/README.md must state the row count once: '<N> rows, all `dataset=...'"
+    return int(found[0])
+
+
 def test_runs_jsonl_is_one_row_per_line_in_column_order():
     from harness.store import COLUMNS
 
     lines = (EVIDENCE / "runs.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert len(rows) == 91 and len({r["run_id"] for r in rows}) == 91
+    assert len(rows) == shipped_rows() and len({r["run_id"] for r in rows}) == len(rows)
     assert all(list(r) == list(COLUMNS) for r in rows)
     assert [(r["created_at"], r["run_id"]) for r in rows] == sorted((r["created_at"], r["run_id"]) for r in rows)
 
@@ -137,7 +146,7 @@ def test_a_jsonl_store_is_read_only_and_names_the_file(tmp_path, capsys):
     from harness.store import ResultsStore, StoreError
 
     store = ResultsStore(RUNS if (Path.cwd() / RUNS).is_file() else EVIDENCE / "runs.jsonl", readonly=True)
-    assert store.count() == 91 and store.count(stage="reruns", status="completed") > 0
+    assert store.count() == shipped_rows() and store.count(stage="reruns", status="completed") > 0
     with pytest.raises(StoreError, match="runs.jsonl"):
         store.append({"run_id": "x"})
     with pytest.raises(StoreError, match="runs.jsonl"):
