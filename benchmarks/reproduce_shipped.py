@@ -17,7 +17,9 @@ absolute URL or path) instead of the shipped evidence: the same check for runs n
 identical). It prints the time it took (teacher training included).
 
 The clone's working tree is HEAD, not your uncommitted edits: commit first. On the 2-core
-development VM, idle, expect about 13 minutes at the quick budget (teacher 9.4, one distilled run ~2.5).
+development VM, idle, it took 13.2 minutes at the quick budget (measured 2026-11-30: teacher ~9, one
+distilled run 2.5). Run it on an otherwise idle machine: the teacher's two threads slow ~10x when a
+third busy thread shares the two cores.
 """
 from __future__ import annotations
 
