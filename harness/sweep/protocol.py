@@ -49,7 +49,7 @@ MIN_SEEDS_DEFAULT = 3
 PLACEHOLDERS = {"$temperatures": "temperature", "$weights": "weight"}  # -> the methods' settings of that kind
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "grid_scale")
 # asha: grace_period (evaluations), reduction_factor, min_fraction (of training before the first cut;
-# provisional until the fidelity-bias benchmark measures it), min_completed (null: the default rule)
+# 0.5: measured by benchmarks/fidelity_bias.py, README), min_completed (null: the default rule)
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2, "min_fraction": 0.5, "min_completed": None}
 
 
