@@ -118,10 +118,10 @@ def load_cache(path: Path, shipped: Optional[Path] = None) -> Dict[str, Any]:
 def cache_paths(budget: str, given: Optional[str]) -> Tuple[Path, Optional[Path]]:
     """(where phase 1 writes, the shipped histories it starts from). Phase 1 never writes a tracked
     file: the default cache is results/benchmarks/ (git-ignored), started from benchmarks/data/."""
-    shipped = ROOT / "benchmarks" / "data" / f"fidelity_bias_{budget}.json"
     if given:
         return Path(given), None
-    return ROOT / "results" / "benchmarks" / f"fidelity_bias_{budget}.json", shipped
+    name = f"fidelity_bias_{budget}.json"
+    return ROOT / "results" / "benchmarks" / name, ROOT / "benchmarks" / "data" / name
 
 
 def phase1(args, points: List[Dict[str, float]], cache_path: Path, shipped: Optional[Path] = None) -> None:

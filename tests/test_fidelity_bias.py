@@ -75,7 +75,7 @@ def test_grid_points_cover_the_space():
     assert [p["optim.weight_decay"] for p in pts] == [5e-6, 5e-5, 5e-4] * 2
 
 
-def test_phase1_writes_an_ignored_cache_started_from_the_shipped_histories(tmp_path, monkeypatch):
+def test_phase1_writes_an_ignored_cache_started_from_the_shipped_histories(tmp_path):
     import json
     import subprocess
 
