@@ -679,3 +679,45 @@ def test_one_control_run_for_both_measures_stands_for_both(tmp_path, cfg):
     assert energy.verdict.lift == pytest.approx(time_.verdict.lift) and energy.runs == time_.runs == 3
     md = leaderboard.to_markdown([t], ["Source: test"])
     assert "1.93x, 194 it. (the time control's runs)" in md and "n/a (stage not run)" not in md
+
+
+def test_two_student_winners_of_one_comparison_share_one_holm_family(tmp_path, cfg):
+    """A larger composition grew the student arm and its winner changed: two blocks of one key, each
+    titled and filed by its winner, the distilled ids unchanged, one Holm family over every test."""
+    from statsmodels.stats.multitest import multipletests
+
+    from harness.report import figures, significance
+
+    s = ResultsStore(tmp_path / "winners.db")
+    w1, w2 = "student-only:S:lr_wd:aaaa1111", "student-only:S:lr_wd:bbbb2222"
+    add_arm(s, cfg, "student-only", [0.50, 0.51, 0.49, 0.505], sweep_id="student-only:S",
+            extra_json={"stage_kind": "rerun", "winner_run_id": w1})
+    add_arm(s, cfg, "student-only", [0.47, 0.48, 0.485, 0.49], sweep_id="student-only:S",
+            extra_json={"stage_kind": "rerun", "winner_run_id": w2})
+    add_arm(s, cfg, "kd", [0.515, 0.52, 0.50, 0.52], sweep_id="distilled:kd:S",
+            extra_json={"stage_kind": "rerun", "student_arm": {"arm_id": "student-only:S", "winner_run_id": w1}})
+    add_arm(s, cfg, "cwd,gskd", [0.52, 0.50, 0.51, 0.50], sweep_id="distilled:cwd+gskd:S",
+            extra_json={"stage_kind": "rerun", "student_arm": {"arm_id": "student-only:S", "winner_run_id": w2}})
+    blocks = blk.load_blocks(s)
+    assert len(blocks) == 2
+    by = {next(l for l in b.arms if l != "student-only"): b for b in blocks}
+    kd_b, cg_b = by["kd"], by["cwd+gskd"]
+    assert kd_b.title != cg_b.title and "aaaa1111" in kd_b.title and "bbbb2222" in cg_b.title
+    assert figures.block_slug(kd_b) != figures.block_slug(cg_b)
+    # distilled ids stay the plain ones (adding a sweep never renames a row); the student rows differ
+    assert kd_b.row_id("kd") == blk.row_id("synthetic", STUDENT, "deeplabv3_resnet18_small", "kd", "quick")
+    ids = {kd_b.row_id("student-only"), cg_b.row_id("student-only")}
+    assert len(ids) == 2
+    assert [r["final_miou"] for r in blk.find_row(s, cg_b.row_id("student-only"))] == [0.47, 0.48, 0.485, 0.49]
+    # Holm over both tests, recomputed independently
+    raw = [stats.compare_seeds(kd_b.arms["kd"].by_seed, kd_b.baseline.by_seed).p,
+           stats.compare_seeds(cg_b.arms["cwd+gskd"].by_seed, cg_b.baseline.by_seed).p]
+    expect = multipletests(raw, method="holm")[1]
+    t = {b.arms and next(l for l in b.arms if l != "student-only"): leaderboard.build([b], s)[0] for b in blocks}
+    assert t["kd"].rows[1].p_holm == pytest.approx(expect[0], rel=1e-9)
+    assert t["cwd+gskd"].rows[1].p_holm == pytest.approx(expect[1], rel=1e-9)
+    assert any("Holm over m = 2" in n for n in t["kd"].notes)
+    assert significance.build([cg_b])[0].verdicts.family_sizes[0] == 2
+    # a filter hides the other block's arm and never changes the p-value
+    only = [b for b in blk.load_blocks(s, methods=["kd"]) if "kd" in b.arms]
+    assert leaderboard.build(only, s)[0].rows[1].p_holm == t["kd"].rows[1].p_holm

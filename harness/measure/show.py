@@ -124,10 +124,12 @@ def choose(blocks: Sequence[Block], filters: Filters) -> Tuple[Optional[Block], 
     notes: List[str] = []
     if not blocks:
         return None, None, notes
-    block = blocks[0]
-    if len(blocks) > 1:
-        notes.append(f"{len(blocks)} blocks match; showing '{block.title}' (narrow it with dataset= student= "
-                     f"teacher= budget=)")
+    # the first block that shows a distilled arm (a +method= filter hides the others' arms)
+    block = next((b for b in blocks if any(l != STUDENT_ONLY and a.n for l, a in b.arms.items())), blocks[0])
+    candidates = [b for b in blocks if any(l != STUDENT_ONLY and a.n for l, a in b.arms.items())] or list(blocks)
+    if len(candidates) > 1:
+        notes.append(f"{len(candidates)} blocks match; showing '{block.title}' (narrow it with dataset= student= "
+                     f"teacher= budget= +method=)")
     distilled = [a for label, a in block.arms.items() if label != STUDENT_ONLY and a.n]
     if not distilled:
         return block, None, notes

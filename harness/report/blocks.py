@@ -32,6 +32,7 @@ final mIoU) stay with their arm as ``Arm.lost`` so the tables can show completed
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -153,6 +154,16 @@ class Block:
     all_arms: Dict[str, Arm] = field(default_factory=dict)  # every arm of the block (the family)
     student_arm: Optional[str] = None                      # the student-only sweep id (arm id)
     disambiguate: bool = False                             # several student arms: ids carry the arm
+    student_winner: Optional[str] = None                   # the winner run id of its tuning prefix
+    # labels whose plain id another block of the same key also shows (the student-only row when a
+    # key has several student arms or winners, a method compared with two of them): their ids carry
+    # the student arm and winner; every other id stays the plain one, so adding a sweep never
+    # renames an existing row
+    shared_labels: Tuple[str, ...] = ()
+    # the vs-student comparisons of the other blocks of the same key (same dataset, student, teacher
+    # and budget, another student-only winner): (label, distilled arm, its student-only arm). They
+    # join this block's Holm family, so a lift is corrected over every test made on that comparison
+    family_extra: List[Tuple[str, "Arm", "Arm"]] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.all_arms:
@@ -165,7 +176,27 @@ class Block:
     @property
     def title(self) -> str:
         t = f"{self.student} <- {self.teacher}" if self.teacher else f"{self.student} (no distilled arm)"
-        return f"{self.dataset}: {t}, budget {self.budget or 'unknown'}"
+        return f"{self.dataset}: {t}, budget {self.budget or 'unknown'}" + self.student_suffix
+
+    @property
+    def file_stem(self) -> str:
+        """'synthetic_pspnet_resnet18_small_deeplabv3_resnet18_small_quick' (+ '_student-798f5d8f' where
+        the key has several student arms or winners): the per-block part of figure file names, so
+        two blocks of one key never write the same file."""
+        text = f"{self.dataset}_{self.student}_{self.teacher or 'none'}_{self.budget or 'na'}"
+        if self.disambiguate:
+            text += "_student-" + (self.student_winner or self.student_arm or "none").split(":")[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+    @property
+    def student_suffix(self) -> str:
+        """', student-only winner lr_wd:798f5d8f' where the key has several student arms or winners
+        (the titles of those blocks would otherwise be the same), else ''."""
+        if not self.disambiguate:
+            return ""
+        if self.student_winner:
+            return f", student-only winner {self.student_winner.split(':', 2)[-1]}"
+        return f", student-only arm {self.student_arm}" if self.student_arm else ", no student-only arm"
 
     @property
     def baseline(self) -> Optional[Arm]:
@@ -173,8 +204,9 @@ class Block:
 
     def row_id(self, label: str) -> str:
         rid = row_id(self.dataset, self.student, self.teacher, label, self.budget)
-        if self.disambiguate and self.student_arm:
-            rid = stable_hash([rid, self.student_arm], 8)
+        if label in self.shared_labels and self.student_arm:
+            key = [rid, self.student_arm] + ([self.student_winner] if self.student_winner else [])
+            rid = stable_hash(key, 8)
         return rid
 
     @property
@@ -291,7 +323,7 @@ def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = N
                 if te is not None and not mine and skey[0] is not None and len(skeys) > 1:
                     continue
                 block = Block(base[0], base[1], te, base[2], student_arm=skey[0],
-                              disambiguate=len(skeys) > 1)
+                              disambiguate=len(skeys) > 1, student_winner=skey[1])
                 if skey in s_arms:
                     block.all_arms[STUDENT_ONLY] = _arm(STUDENT_ONLY, s_arms[skey])
                 by_label: Dict[str, Dict[str, List[Dict]]] = {}
@@ -317,7 +349,34 @@ def load_blocks(store, dataset: Optional[str] = None, student: Optional[str] = N
                                        "each student-only arm of the same dataset, student and budget")
                 block.notes += list(dict.fromkeys(notes[id(r)] for r in block_rows(block) if id(r) in notes))
                 blocks.append(block)
+    _link_siblings(blocks)
     return blocks
+
+
+def _link_siblings(blocks: List[Block]) -> None:
+    """Blocks of one key (several student-only arms or winners): the labels they share get
+    disambiguated ids, and each block's Holm family takes in the others' vs-student comparisons."""
+    by_key: Dict[Tuple, List[Block]] = {}
+    for b in blocks:
+        by_key.setdefault(b.key, []).append(b)
+    for group in by_key.values():
+        if len(group) < 2:
+            continue
+        counts: Dict[str, int] = {}
+        for b in group:
+            for label in b.all_arms:
+                counts[label] = counts.get(label, 0) + 1
+        shared = tuple(sorted(l for l, c in counts.items() if c > 1))
+        for b in group:
+            b.shared_labels = shared
+            others = [o for o in group if o is not b]
+            b.family_extra = [(f"{label} ({o.student_suffix.lstrip(', ')})", arm, o.all_arms[STUDENT_ONLY])
+                              for o in others if STUDENT_ONLY in o.all_arms
+                              for label, arm in o.all_arms.items() if label != STUDENT_ONLY]
+            if b.family_extra:
+                b.notes.append(f"Holm family shared with the other block(s) of this comparison: "
+                               f"{', '.join(l for l, _, _ in b.family_extra)} (each against its own "
+                               f"student-only winner) count in m")
 
 
 def _sort_key(k) -> Tuple:
@@ -384,6 +443,8 @@ def source_lines(store_url: str, rows: Sequence[Dict[str, Any]], what: str = "")
 
 
 def _hide_password(url: str) -> str:
+    if "@" not in str(url):  # no credentials to hide; re-rendering would escape '<outside the repository>'
+        return str(url)
     try:
         from sqlalchemy.engine import make_url
 

@@ -322,7 +322,7 @@ def response_curves(store, out_dir: Path, filters: Optional[dict] = None) -> Lis
 
 # ------------------------------------------------------------------------------- per-seed
 def block_slug(block: Block) -> str:
-    return slug(f"{block.dataset}_{block.student}_{block.teacher or 'none'}_{block.budget or 'na'}")
+    return block.file_stem
 
 
 def seed_distributions(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
@@ -509,8 +509,8 @@ def qualitative_grid(store_url: str, grid: Any, out_dir: Path) -> Path:
     fig.suptitle(grid.title, fontsize=9)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     lines = source_lines(shown_database(store_url), grid.rows, "qualitative grid") + [
-        "Students: weights retrained from the stored configuration of each arm's first seed "
-        "(harness.reproduce), cached in <paths.cache>/show/"] + [f"Note: {x}" for x in grid.notes]
+        "Students: each arm's first seed, from the run's saved final checkpoint when there is one, else "
+        "retrained from its stored configuration (harness.reproduce); each column's title says which"] + [f"Note: {x}" for x in grid.notes]
     return save(fig, Path(out_dir) / grid.name, lines)
 
 

@@ -164,11 +164,15 @@ def build_block(block: Block, store=None, test: str = "t", min_seeds: int = 3, e
                            f"(run the sweep's reruns stage for this student)")
     if not any(label != STUDENT_ONLY for label in block.all_arms):
         table.notes.append("no distilled arm in this block yet: run python -m harness sweep +method=NAME")
-    m = len(verdicts.vs_student)
-    if m:
+    own = len(verdicts.vs_student)
+    m = verdicts.family_sizes[0]
+    if own:
         shown = sum(1 for l in block.arms if l != STUDENT_ONLY)
-        table.notes.append(f"family: the {m} distilled arm(s) of this block vs the tuned student-only arm "
-                           f"(Holm over m = {m}" + (f"; {m - shown} hidden by the filter, still counted" if shown < m else "")
+        others = m - own
+        table.notes.append(f"family: the {own} distilled arm(s) of this block vs the tuned student-only arm"
+                           + (f", and the {others} of the other block(s) of this comparison against their own "
+                              f"student-only winner" if others else "")
+                           + f" (Holm over m = {m}" + (f"; {own - shown} hidden by the filter, still counted" if shown < own else "")
                            + f"; simultaneous intervals at {100 * verdicts_.stats.simultaneous_level(0.95, m):.2f} %)")
     table.notes += block.notes
     for label in sorted(block.arms, key=_order):

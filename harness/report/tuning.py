@@ -310,8 +310,7 @@ def _leaderboard_order(label: str) -> Tuple[int, int, str]:  # as harness.report
 
 
 def _block_slug(block: Block) -> str:  # as harness.report.figures.block_slug
-    text = f"{block.dataset}_{block.student}_{block.teacher or 'none'}_{block.budget or 'na'}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+    return block.file_stem
 
 
 def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:

@@ -6,6 +6,10 @@ same lift, interval and p in both. Per block (``harness.report.blocks``):
 - **Family 1, "vs the tuned student"**: every distilled arm of the block against its tuned
   student-only arm. Holm's correction runs over these m1 comparisons. The family is the block's,
   ``Block.all_arms``: a display filter (``+method=cwd``) hides rows and never changes a p-value.
+  Where one (dataset, student, teacher, budget) has several student-only winners (a larger
+  composition grew the student arm and its winner changed), each winner is its own block, and the
+  comparisons of the other blocks (``Block.family_extra``) join the family: m counts every
+  distilled-vs-student test made on that comparison, not only the ones a block shows.
 - **Family 2, "between methods"**: every pair of distilled arms of the block, Holm over m2 pairs
   (the significance table only).
 - Each comparison is ``harness.stats.compare_seeds``: paired t on the seeds both arms completed
@@ -71,9 +75,11 @@ class BlockVerdicts:
     def p(self, comparison: Comparison, test: str) -> Optional[float]:
         return comparison.p_holm if test == "t" else comparison.p_perm_holm
 
+    family_size_vs_student: int = 0   # m of family 1: this block's arms plus its siblings' (Block.family_extra)
+
     @property
     def family_sizes(self) -> Tuple[int, int]:
-        return (len(self.vs_student), len(self.between))
+        return (max(self.family_size_vs_student, len(self.vs_student)), len(self.between))
 
 
 def _order(label: str) -> Tuple[int, int, str]:
@@ -108,15 +114,19 @@ def verdicts_of(block: Block, level: float = LEVEL, halfwidth: float = HALFWIDTH
     arms = block.all_arms
     distilled = sorted((l for l in arms if l != STUDENT_ONLY), key=_order)
     base = arms.get(STUDENT_ONLY)
-    m1 = len(distilled) if base is not None else 0
+    extra = block.family_extra if base is not None else []
+    m1 = (len(distilled) if base is not None else 0) + len(extra)
     first: List[Comparison] = []
     if base is not None:
-        for label in distilled:
-            a, b = arms[label].by_seed, base.by_seed
+        pairs1 = [(label, arms[label], base) for label in distilled] + list(extra)
+        for label, arm, ref in pairs1:
+            a, b = arm.by_seed, ref.by_seed
             v = stats.compare_seeds(a, b, level=level, family_size=max(1, m1), halfwidth=halfwidth)
             first.append(Comparison(label, STUDENT_ONLY, v, stats.permutation_test(a, b)))
         _family(first, "vs student", level)
-        out.vs_student = {c.a: c for c in first}
+        # the other blocks' comparisons only size the family; this block shows its own
+        out.vs_student = {c.a: c for c in first[:len(distilled)]}
+        out.family_size_vs_student = m1
     pairs = list(itertools.combinations(distilled, 2))
     second: List[Comparison] = []
     for x, y in pairs:
