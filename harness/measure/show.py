@@ -125,8 +125,8 @@ def choose(blocks: Sequence[Block], filters: Filters) -> Tuple[Optional[Block], 
     if not blocks:
         return None, None, notes
     # the first block that shows a distilled arm (a +method= filter hides the others' arms)
-    block = next((b for b in blocks if any(l != STUDENT_ONLY and a.n for l, a in b.arms.items())), blocks[0])
     candidates = [b for b in blocks if any(l != STUDENT_ONLY and a.n for l, a in b.arms.items())] or list(blocks)
+    block = candidates[0]
     if len(candidates) > 1:
         notes.append(f"{len(candidates)} blocks match; showing '{block.title}' (narrow it with dataset= student= "
                      f"teacher= budget= +method=)")
