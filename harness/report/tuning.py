@@ -49,14 +49,13 @@ defined (n <= min(N_d, N_s)); ``None`` ("never") when it is not above at the las
 
 The report layer only reads: this module imports no model code. ``harness.report.figures`` draws
 through it (``expected_best_figures``), so its few small plotting helpers (Agg backend, save with
-the source under the plot, block slug, leaderboard row order) are repeated here rather than imported
+the source under the plot, leaderboard row order) are repeated here rather than imported
 from there or from ``leaderboard`` (the import graph has no loops).
 """
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -309,10 +308,6 @@ def _leaderboard_order(label: str) -> Tuple[int, int, str]:  # as harness.report
     return (0 if label == STUDENT_ONLY else 1, label.count("+"), label)
 
 
-def _block_slug(block: Block) -> str:  # as harness.report.figures.block_slug
-    return block.file_stem
-
-
 def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List[Output]:
     """``tuning_<block>.png``: per block, the expected best tune mIoU (%) of each arm against the
     number of its trials (Tang et al. 2020's estimator), the arms labelled as the leaderboard labels
@@ -370,7 +365,7 @@ def expected_best_figures(store, blocks: Sequence[Block], out_dir: Path) -> List
         # the legend already says which arm is above the student-only arm from which n
         notes = [x for x in said if x.endswith("no trial rows")] + [n for t in tuning.values() for n in t.notes]
         lines += [f"Note: {n}" for n in dict.fromkeys(notes)]
-        path = _save(fig, Path(out_dir) / f"tuning_{_block_slug(block)}.png", lines)
+        path = _save(fig, Path(out_dir) / f"tuning_{block.file_stem}.png", lines)
         out.append((path, f"expected best tune mIoU vs tuning budget of {block.title}"
                           + (f" ({'; '.join(said)})" if said else "")))
     return out

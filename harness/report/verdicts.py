@@ -59,6 +59,7 @@ class BlockVerdicts:
     vs_student: Dict[str, Comparison] = field(default_factory=dict)       # distilled label -> comparison
     between: Dict[Tuple[str, str], Comparison] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    family_size_vs_student: int = 0   # m of family 1: this block's arms plus its siblings' (Block.family_extra)
 
     def get(self, a: str, b: str) -> Tuple[Optional[Comparison], int]:
         """The comparison of a and b and the sign of (a - b) relative to it (0: none)."""
@@ -74,8 +75,6 @@ class BlockVerdicts:
 
     def p(self, comparison: Comparison, test: str) -> Optional[float]:
         return comparison.p_holm if test == "t" else comparison.p_perm_holm
-
-    family_size_vs_student: int = 0   # m of family 1: this block's arms plus its siblings' (Block.family_extra)
 
     @property
     def family_sizes(self) -> Tuple[int, int]:
