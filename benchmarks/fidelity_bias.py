@@ -13,7 +13,8 @@ decay cycling through the choices) are trained at full fidelity exactly as a swe
 method's default temperature and weight, seed 0, the cached teacher), P processes at a time with N
 torch threads each. Every run's per-evaluation tune mIoU goes to a JSON cache
 (`results/benchmarks/fidelity_bias_<budget>.json`, git-ignored), written after every run: a killed
-phase 1 keeps what finished and a second call trains only what is missing. The histories measured for
+phase 1 keeps what finished and a second call trains only what is missing; a cached run trained with
+another version of the budget preset (each row records the preset's settings) is stale and retrained. The histories measured for
 the README ship read-only in `benchmarks/data/fidelity_bias_<budget>.json`: a cache that does not exist
 yet starts from them, and no command writes that file (to ship new histories, copy the cache there).
 
@@ -103,7 +104,21 @@ def worker(arm: str, budget: str, threads: int, point: Dict[str, float], results
             "history": [{"iteration": h["iteration"], "miou": h["miou"]} for h in rec.history_json or []],
             "final_miou": rec.final_miou, "iterations": rec.iterations, "wall_s": round(time.time() - started, 1),
             "train_time_s": rec.train_time_s, "eval_interval": cfg["budget"]["eval_interval"],
-            "budget_iterations": cfg["budget"]["iterations"]}
+            "budget_iterations": cfg["budget"]["iterations"], "budget_settings": cfg["budget"]}
+
+
+def budget_settings(budget: str) -> Dict[str, Any]:
+    """The budget preset as it is now (iterations, evaluation interval, teacher iterations, ...)."""
+    from harness.config import load_config
+
+    return load_config([f"budget={budget}"], check_data=False)["budget"]
+
+
+def is_current(row: Dict[str, Any], settings: Dict[str, Any]) -> bool:
+    """A cached history counts only if it was trained with the budget preset as it is now: a row from
+    before a change of the preset (600 -> 400 iterations, another teacher length) is stale and is
+    retrained, never replayed against the new preset's evaluations. Rows without the record are stale."""
+    return row.get("budget_settings") == settings
 
 
 def load_cache(path: Path, shipped: Optional[Path] = None) -> Dict[str, Any]:
@@ -130,7 +145,14 @@ def phase1(args, points: List[Dict[str, float]], cache_path: Path, shipped: Opti
     cache = load_cache(cache_path, shipped)
     cache.setdefault("runs", {})
     cache["budget"], cache["points"] = args.budget, points
+    settings = budget_settings(args.budget)
+    stale = [k for k, row in cache["runs"].items() if not is_current(row, settings)]
+    for k in stale:
+        del cache["runs"][k]
     todo = [(arm, p) for arm in args.arms for p in points if key_of(arm, p) not in cache["runs"]]
+    if stale:
+        print(f"phase 1: {len(stale)} cached run(s) were trained with another budget={args.budget} preset: "
+              f"dropped, retrained", flush=True)
     print(f"phase 1: {len(todo)} runs to train ({len(points) * len(args.arms) - len(todo)} cached), "
           f"{args.processes} at a time, {args.threads} thread(s) each", flush=True)
     lock = threading.Lock()
@@ -162,8 +184,10 @@ def phase1(args, points: List[Dict[str, float]], cache_path: Path, shipped: Opti
 
 # ----------------------------------------------------------------------------------- phase 2
 def trials_of(cache: Dict[str, Any], arm: str, points: Sequence[Dict[str, float]]) -> List[Dict[str, Any]]:
+    """The arm's cached runs at `points` trained with today's budget preset (stale rows left out)."""
+    settings = budget_settings(cache["budget"])
     rows = [cache["runs"].get(key_of(arm, p)) for p in points]
-    return [r for r in rows if r is not None]
+    return [r for r in rows if r is not None and is_current(r, settings)]
 
 
 def replay_order(histories: Sequence[Sequence[float]], *, first_cut: Optional[int], reduction_factor: float,

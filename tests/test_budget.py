@@ -164,14 +164,17 @@ def test_the_first_cut_waits_for_min_fraction_and_every_warmup(tmp_path):
     from harness.sweep.runner import first_cut
 
     protocol = load_protocol("default")
-    cfg = load_config(["+method=heteroakd", f"paths.results={tmp_path}"], check_data=False)
-    assert first_cut(cfg, protocol, "student-only") == {"evaluation": 2, "iteration": 400}   # quick: 600, every 200
+    length = ["budget.iterations=600", "budget.eval_interval=200"]   # independent of the preset's length
+    cfg = load_config(["+method=heteroakd", *length, f"paths.results={tmp_path}"], check_data=False)
+    assert first_cut(cfg, protocol, "student-only") == {"evaluation": 2, "iteration": 400}   # 0.5 x 600 -> 400
+    quick = load_config(["+method=heteroakd", f"paths.results={tmp_path}"], check_data=False)
+    assert first_cut(quick, protocol, "student-only") == {"evaluation": 2, "iteration": 200}  # quick: 400, every 100
     early = parse_protocol({**protocol.raw, "asha": {"min_fraction": 0.0}})
     assert first_cut(cfg, early, "student-only") == {"evaluation": 1, "iteration": 200}
-    long_warmup = load_config(["+method=heteroakd", "method.heteroakd.warmup_fraction=0.4",
+    long_warmup = load_config(["+method=heteroakd", "method.heteroakd.warmup_fraction=0.4", *length,
                                f"paths.results={tmp_path}"], check_data=False)
     assert first_cut(long_warmup, early, "distilled") == {"evaluation": 2, "iteration": 400}  # after 240
-    at_400 = load_config(["+method=heteroakd", "method.heteroakd.warmup_fraction=0.6666",
+    at_400 = load_config(["+method=heteroakd", "method.heteroakd.warmup_fraction=0.6666", *length,
                           f"paths.results={tmp_path}"], check_data=False)
     assert first_cut(at_400, early, "distilled") is None    # warm-up ends at 400: no evaluation after it but the end
 
