@@ -96,3 +96,21 @@ def test_phase1_writes_an_ignored_cache_started_from_the_shipped_histories(tmp_p
     assert fb.load_cache(tmp_path / "none.json", None) == {"runs": {}}
     # --cache given: that file only, nothing shipped mixed in
     assert fb.cache_paths("quick", str(own)) == (own, None)
+
+
+def test_histories_of_another_budget_preset_are_stale_and_the_shipped_ones_are_current():
+    import json
+
+    current = fb.budget_settings("quick")
+    point = {"optim.lr": 0.01, "optim.weight_decay": 5e-5}
+    row = {"history": [{"iteration": 100, "miou": 0.2}], "status": "completed"}
+    older = dict(row, budget_settings={**current, "iterations": current["iterations"] + 200})
+    cache = {"budget": "quick", "runs": {fb.key_of("kd", point): older, fb.key_of("cwd", point): dict(row),
+                                         fb.key_of("student-only", point): dict(row, budget_settings=current)}}
+    # a longer preset's history, or one that does not say its preset, is never replayed
+    assert fb.trials_of(cache, "kd", [point]) == [] and fb.trials_of(cache, "cwd", [point]) == []
+    assert fb.trials_of(cache, "student-only", [point]) == [cache["runs"][fb.key_of("student-only", point)]]
+    # the shipped histories were measured with today's preset: phase 2 replays every one of them
+    shipped = json.loads((Path(fb.ROOT) / "benchmarks" / "data" / "fidelity_bias_quick.json").read_text())
+    assert shipped["runs"] and all(fb.is_current(r, current) for r in shipped["runs"].values())
+    assert all(len(r["history"]) == current["iterations"] // current["eval_interval"] for r in shipped["runs"].values())

@@ -102,6 +102,11 @@ def test_smoke_sweep_runs_every_stage_and_grows_and_reuses_the_student_arm(ray_l
     assert all(r["split"] == "tune" for r in db if r["stage"] and r["stage"] != "reruns" and r not in controls)
     assert len({r["run_id"] for r in db}) == len(db)
     assert "lift of the distilled arm over the tuned student-only arm" in out and "== stage lr_wd" in out
+    # a rerun stage's line gives the mean over its seeds, and says so (it is not a best)
+    for arm in ("student-only", "distilled"):
+        values = [r["final_miou"] for r in reruns if r["arm"] == arm]
+        mean = 100 * sum(values) / len(values)
+        assert f"== stage reruns ({arm}): 2 done, 0 pruned, 0 failed; mean val mIoU over 2 seeds {mean:.2f};" in out
     # the distilled reruns carry every winner forward (lineage of the protocol)
     d = next(r for r in reruns if r["arm"] == "distilled")
     assert {"optim.lr", "optim.weight_decay", "method.kd.tau", "method.kd.weight", "seed"} <= set(d["params_json"])

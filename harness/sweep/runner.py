@@ -946,8 +946,10 @@ def stage_summary(sweep: Sweep, stage: Stage, arm: str, winner: Winner, wall: fl
             label = parse_stage_name(name)[1] or name
             parts.append(f"{label} {a['rho']:+.2f} (n={a['n']})" if a["rho"] is not None else f"{label} n/a ({a['reason']})")
         agreement = f"; rank agreement first cut (iteration {cut}) vs end: " + ", ".join(parts)
+    # a rerun stage's Winner.miou is the mean over its completed seeds, a search stage's the best trial
+    what = f"mean {stage.split} mIoU over {counts['completed']} seeds" if stage.search == RERUN else f"best {stage.split} mIoU"
     say(f"== stage {stage.name} ({arm}): {counts['completed']} done, {counts['pruned']} pruned, "
-        f"{counts['failed']} failed; best {stage.split} mIoU "
+        f"{counts['failed']} failed; {what} "
         f"{'n/a' if winner.miou is None else f'{100 * winner.miou:.2f}'}; chose {chosen or '-'}; "
         f"{wall:.0f} s; energy so far {1000 * energy:.2f} Wh{agreement}")
 
