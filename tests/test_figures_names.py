@@ -88,8 +88,9 @@ def test_titles_and_legends_use_paper_names(drawn):
         shown = "\n".join(texts)
         assert "PSPNet-R18 (¼ width)" in shown and "DeepLabV3-R18 (½ width)" in shown, name
         assert "pspnet_resnet18_small" not in shown and "deeplabv3_resnet18_small" not in shown, name
-    seeds = "\n".join(next(v for k, v in drawn.items() if k.startswith("seeds_"))[0])
-    pareto = "\n".join(next(v for k, v in drawn.items() if k.startswith("pareto_"))[0])
+    # one figure per block: every shipped method is named in its block's seeds and Pareto figures
+    seeds = "\n".join(t for k, v in drawn.items() if k.startswith("seeds_") for t in v[0])
+    pareto = "\n".join(t for k, v in drawn.items() if k.startswith("pareto_") for t in v[0])
     methods = shipped_methods()
     assert methods
     for label in [names.method_name(m) for m in methods] + ["Student only"]:
