@@ -95,7 +95,8 @@ def test_the_sweep_trains_a_shared_control_once_and_reports_it_for_both_measures
 
     from harness.sweep import runner
 
-    cfg = load_config(["+method=kd", f"paths.results={tmp_path}"])
+    # 600 iterations evaluated every 200, whatever the quick preset's length: 600 x 1.935 -> 1161
+    cfg = load_config(["+method=kd", "budget.iterations=600", "budget.eval_interval=200", f"paths.results={tmp_path}"])
     stage = next(st for st in load_protocol("default").stages if st.search == COMPUTE_MATCHED)
     student = runner.Winner({"optim.lr": 0.02}, 0.3)
     sweep = SimpleNamespace(cfg=cfg, seeds={stage.matches: [1, 2]}, store=ResultsStore(tmp_path / "h.db"),
