@@ -13,9 +13,9 @@ decay cycling through the choices) are trained at full fidelity exactly as a swe
 method's default temperature and weight, seed 0, the cached teacher), P processes at a time with N
 torch threads each. Every run's per-evaluation tune mIoU goes to a JSON cache
 (`results/benchmarks/fidelity_bias_<budget>.json`, git-ignored), written after every run: a killed
-phase 1 keeps what finished and a second call trains only what is missing; a cached run trained with
-another version of the budget preset (each row records the preset's settings) is stale and retrained. The histories measured for
-the README ship read-only in `benchmarks/data/fidelity_bias_<budget>.json`: a cache that does not exist
+phase 1 keeps what finished and a second call trains only what is missing; a cached run trained
+with another version of the budget preset (each row records the preset's settings) is stale and
+retrained. The histories measured for the README ship read-only in `benchmarks/data/fidelity_bias_<budget>.json`: a cache that does not exist
 yet starts from them, and no command writes that file (to ship new histories, copy the cache there).
 
 Phase 2 (free): the early-stopping rule is replayed offline on those histories. The decisions come
